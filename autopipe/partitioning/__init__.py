@@ -1,0 +1,97 @@
+"""Partitioning: which stage each node of the graph runs in.
+
+A method takes the contracted graph (one node per group of nodes that must share a stage, see
+``autopipe.graph.placement_groups``) and a number of stages, and returns a stage per node. The
+result is expanded back to every fx node and validated before any code is generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import networkx as nx
+import torch.fx as fx
+
+from autopipe.errors import UserError
+from autopipe.graph import contract, placement_groups
+from autopipe.partitioning.params import partition_by_params
+
+
+@dataclass(frozen=True)
+class PartitionOptions:
+    """Settings every method may read; methods ignore what they do not use."""
+
+    seed: int = 0
+
+
+Method = Callable[[nx.DiGraph, int, PartitionOptions], dict[int, int]]
+
+METHODS: dict[str, Method] = {
+    "params": partition_by_params,
+}
+
+
+class InvalidPartition(Exception):
+    """A method returned an assignment that cannot run as a pipeline."""
+
+
+def partition(
+    graph: nx.DiGraph,
+    module: fx.GraphModule,
+    n_stages: int,
+    method: str,
+    options: PartitionOptions = PartitionOptions(),
+) -> dict[str, int]:
+    """Assign every node of ``graph`` to a stage in ``0..n_stages-1`` with ``method``."""
+    if method not in METHODS:
+        raise UserError(f"unknown partitioning method {method!r}; choose from {', '.join(METHODS)}")
+    if n_stages < 1:
+        raise UserError(f"the number of stages must be at least 1, got {n_stages}")
+    groups = placement_groups(graph, module)
+    if n_stages > len(groups):
+        raise UserError(
+            f"the model has {len(groups)} units that can go to different stages; "
+            f"{n_stages} stages is more than that: lower -p"
+        )
+    coarse = contract(graph, groups)
+    coarse_stage = METHODS[method](coarse, n_stages, options)
+    assignment = expand(graph, coarse, coarse_stage)
+    validate(graph, assignment, n_stages)
+    return assignment
+
+
+def expand(graph: nx.DiGraph, coarse: nx.DiGraph, coarse_stage: dict[int, int]) -> dict[str, int]:
+    """Stages for every node: group members follow their group, inputs go to stage 0, and a
+    parameter read goes to the first stage that uses it (each stage repeats the reads it needs)."""
+    assignment = {m: coarse_stage[c] for c in coarse.nodes for m in coarse.nodes[c]["members"]}
+    for n in graph.nodes:
+        if graph.nodes[n]["op"] == "placeholder":
+            assignment[n] = 0
+    for n in graph.nodes:
+        if graph.nodes[n]["op"] == "get_attr":
+            users = [assignment[s] for s in graph.successors(n) if s in assignment]
+            assignment[n] = min(users, default=0)
+    return assignment
+
+
+def validate(graph: nx.DiGraph, assignment: dict[str, int], n_stages: int) -> None:
+    """Check that an assignment can run as a pipeline; raise InvalidPartition if not."""
+    missing = [n for n in graph.nodes if n not in assignment]
+    if missing:
+        raise InvalidPartition(f"{len(missing)} nodes have no stage, e.g. {missing[0]}")
+    bad = [n for n, s in assignment.items() if not 0 <= s < n_stages]
+    if bad:
+        raise InvalidPartition(f"node {bad[0]} is given stage {assignment[bad[0]]}, outside 0..{n_stages - 1}")
+    used = {s for n, s in assignment.items() if graph.nodes[n]["op"] not in ("placeholder", "get_attr")}
+    empty = sorted(set(range(n_stages)) - used)
+    if empty:
+        raise InvalidPartition(f"stage {empty[0]} has no operations")
+    for u, v in graph.edges:
+        if graph.nodes[u]["op"] == "get_attr":
+            continue
+        if assignment[u] > assignment[v]:
+            raise InvalidPartition(
+                f"{u} (stage {assignment[u]}) feeds {v} (stage {assignment[v]}): "
+                "values may only flow to the same or a later stage"
+            )
