@@ -68,7 +68,9 @@ class GeneratedFile:
     pipeline: dict[str, Any]
 
 
-def plan_stages(module: fx.GraphModule, graph: nx.DiGraph, assignment: dict[str, int], n_stages: int) -> list[StagePlan]:
+def plan_stages(
+    module: fx.GraphModule, graph: nx.DiGraph, assignment: dict[str, int], n_stages: int, original: nn.Module
+) -> list[StagePlan]:
     """Split the traced program into stages: nodes, inputs, outputs and held state."""
     plans = [StagePlan(k) for k in range(n_stages)]
     last = n_stages - 1
@@ -100,7 +102,7 @@ def plan_stages(module: fx.GraphModule, graph: nx.DiGraph, assignment: dict[str,
     plans[last].outputs = list(model_outputs)
     for plan in plans:
         _collect_state(module, plan)
-    _place_orphans(module, plans[last], plans)
+    _place_orphans(original, plans[last], plans)
     return plans
 
 
@@ -118,14 +120,13 @@ def _inside(path: str, modules: dict[str, nn.Module]) -> bool:
     return any(path.startswith(f"{m}.") for m in modules)
 
 
-def _place_orphans(module: fx.GraphModule, last: StagePlan, plans: list[StagePlan]) -> None:
+def _place_orphans(original_model: nn.Module, last: StagePlan, plans: list[StagePlan]) -> None:
     """Give the last stage the original model's state that no stage uses, so state dicts
     still round-trip."""
     held = set()
     for plan in plans:
         held |= set(_state_keys(plan))
-    original = module.state_dict(keep_vars=True)
-    for key, tensor in original.items():
+    for key, tensor in original_model.state_dict(keep_vars=True).items():
         if key not in held and not _inside(key, last.modules):
             last.tensors[key] = tensor
 
@@ -148,6 +149,7 @@ class _Writer:
         self.original_keys = original_keys
         self.imports = Imports()
         self.names = {n.name: _variable(n.name) for n in module.graph.nodes}
+        self.tree: dict[str, Any] = {}
 
     def stage(self, plan: StagePlan, graph: nx.DiGraph, root_name: str) -> dict[str, Any]:
         return {
@@ -171,6 +173,7 @@ class _Writer:
             source = constructor(m, self.imports)
             check_rebuilt(path, m, source, self._namespace())
             _insert(tree, path.split("."), _Source(source))
+        self.tree = tree
         lines = [_top_level(name, value) for name, value in tree.items()]
         for path, tensor in plan.tensors.items():
             owner, _, attr = path.rpartition(".")
@@ -178,15 +181,16 @@ class _Writer:
                 for line in _make_containers(tree, owner.split(".")):
                     lines.append(line)
             lines.append(self._register(owner, attr, path, tensor))
-        lines += _tie_lines(plan)
-        lines += [f"{_access(key)}.requires_grad_(False)" for key, t in _state_keys(plan).items()
+        lines += _tie_lines(plan, tree)
+        lines += [f"{_access(key, tree)}.requires_grad_(False)" for key, t in _state_keys(plan).items()
                   if isinstance(t, nn.Parameter) and not t.requires_grad and key in self.original_keys]
         return lines
 
     def _register(self, owner: str, attr: str, path: str, tensor: torch.Tensor) -> str:
-        holder = _access(owner) if owner else "self"
+        holder = _access(owner, self.tree) if owner else "self"
         if isinstance(tensor, nn.Parameter):
-            value = f"nn.Parameter({_zeros(tensor)}, requires_grad={tensor.requires_grad})"
+            frozen = "" if tensor.requires_grad else ", requires_grad=False"
+            value = f"nn.Parameter({_zeros(tensor)}{frozen})"
             return f"{holder}.register_parameter({attr!r}, {value})"
         if path in self.original_keys:
             return f"{holder}.register_buffer({attr!r}, {_zeros(tensor)})"
@@ -222,9 +226,9 @@ class _Writer:
     def _expression(self, node: fx.Node) -> str:
         args, kwargs = node.args, dict(node.kwargs)
         if node.op == "get_attr":
-            return _access(str(node.target))
+            return _access(str(node.target), self.tree)
         if node.op == "call_module":
-            return f"{_access(str(node.target))}({self._call_args(args, kwargs)})"
+            return f"{_access(str(node.target), self.tree)}({self._call_args(args, kwargs)})"
         if node.op == "call_method":
             return f"{self._arg(args[0])}.{node.target}({self._call_args(args[1:], kwargs)})"
         target = node.target
@@ -270,14 +274,24 @@ def _is_plain_attribute(name: str, owner_type: type) -> bool:
     return name.isidentifier() and not keyword.iskeyword(name) and not hasattr(owner_type, name)
 
 
-def _access(path: str) -> str:
-    """Source that reaches a submodule, parameter or buffer of a stage by its original path."""
+def _access(path: str, tree: dict[str, Any]) -> str:
+    """Source that reaches a submodule, parameter or buffer of a stage by its original path.
+
+    Containers made here are ``nn.ModuleDict``s (``self.layer1["0"].conv1``); inside a rebuilt
+    layer, attributes are reached as attributes.
+    """
     parts = path.split(".")
-    if not _is_plain_attribute(parts[0], nn.Module):
+    if hasattr(nn.Module, parts[0]):
         raise UserError(f"{path!r}: {parts[0]!r} clashes with an nn.Module attribute; rename it in the model")
-    text = f"self.{parts[0]}"
+    text = f"self.{parts[0]}" if _is_plain_attribute(parts[0], nn.Module) else f"getattr(self, {parts[0]!r})"
+    node: Any = tree.get(parts[0])
     for part in parts[1:]:
-        text += f".{part}" if _is_plain_attribute(part, nn.ModuleDict) else f"[{part!r}]"
+        if isinstance(node, dict) and part in node:
+            text += f".{part}" if _is_plain_attribute(part, nn.ModuleDict) else f"[{part!r}]"
+            node = node[part]
+        else:
+            text = f"{text}.{part}" if _is_plain_attribute(part, type(None)) else f"getattr({text}, {part!r})"
+            node = None
     return text
 
 
@@ -306,9 +320,9 @@ def _make_containers(tree: dict[str, Any], parts: list[str]) -> list[str]:
         if part not in node:
             node[part] = {}
             if depth == 0:
-                lines.append(f"self.{part} = nn.ModuleDict()")
+                lines.append(_top_level(part, {}))
             else:
-                lines.append(f"{_access('.'.join(parts[:depth]))}[{part!r}] = nn.ModuleDict()")
+                lines.append(f"{_access('.'.join(parts[:depth]), tree)}[{part!r}] = nn.ModuleDict()")
         node = node[part]
     return lines
 
@@ -321,22 +335,28 @@ def _render_tree(value: Any) -> str:
 
 
 def _top_level(name: str, value: Any) -> str:
-    if not _is_plain_attribute(name, nn.Module):
+    if hasattr(nn.Module, name):
         raise UserError(f"{name!r} clashes with an nn.Module attribute; rename it in the model")
-    return f"self.{name} = {_render_tree(value)}"
+    if _is_plain_attribute(name, nn.Module):
+        return f"self.{name} = {_render_tree(value)}"
+    return f"self.add_module({name!r}, {_render_tree(value)})"
 
 
 def _zeros(tensor: torch.Tensor) -> str:
-    return f"torch.zeros({tuple(tensor.shape)!r}, dtype={tensor.dtype})"
+    shape = ", ".join(str(d) for d in tensor.shape)
+    dtype = "" if tensor.dtype == torch.float32 else f", dtype={tensor.dtype}"
+    return f"torch.zeros({shape or '()'}{dtype})"
 
 
-def _tie_lines(plan: StagePlan) -> list[str]:
+def _tie_lines(plan: StagePlan, tree: dict[str, Any]) -> list[str]:
     """Within a stage, keys that were one tensor in the original stay one tensor."""
     first: dict[int, str] = {}
     lines = []
     for key, tensor in _state_keys(plan).items():
         if id(tensor) in first:
-            lines.append(f"{_access(key)} = {_access(first[id(tensor)])}")
+            owner, _, attr = key.rpartition(".")
+            holder = _access(owner, tree) if owner else "self"
+            lines.append(f"setattr({holder}, {attr!r}, {_access(first[id(tensor)], tree)})")
         else:
             first[id(tensor)] = key
     return lines
@@ -354,7 +374,7 @@ def _value_spec(info: ValueInfo, producer: int | None, consumers: list[int]) -> 
 
 
 def describe_pipeline(
-    module: fx.GraphModule, graph: nx.DiGraph, plans: list[StagePlan], extra: dict[str, Any]
+    original_model: nn.Module, graph: nx.DiGraph, plans: list[StagePlan], extra: dict[str, Any]
 ) -> dict[str, Any]:
     """The PIPELINE dict: inputs, outputs, stages with value specs, state and tied groups."""
     consumers: dict[str, list[int]] = {}
@@ -365,7 +385,7 @@ def describe_pipeline(
     for plan in plans:
         for name in plan.outputs:
             producers.setdefault(name, plan.index)
-    original = module.state_dict(keep_vars=True)
+    original = original_model.state_dict(keep_vars=True)
     stages = []
     held: dict[int, list[list[Any]]] = {}
     for plan in plans:
@@ -415,13 +435,17 @@ def generate(
     n_stages: int,
     header: str,
     extra: dict[str, Any],
+    original: nn.Module,
 ) -> GeneratedFile:
-    """Source text of the generated file for ``assignment``, formatted by black."""
-    plans = plan_stages(module, graph, assignment, n_stages)
-    writer = _Writer(module, set(module.state_dict()))
+    """Source text of the generated file for ``assignment``, formatted by black.
+
+    ``module`` is the traced ``original``; the original model gives the state dict keys.
+    """
+    plans = plan_stages(module, graph, assignment, n_stages, original)
+    writer = _Writer(module, set(original.state_dict()))
     root_name = type(module).__name__
     stages = [writer.stage(plan, graph, root_name) for plan in plans]
-    pipeline = describe_pipeline(module, graph, plans, extra)
+    pipeline = describe_pipeline(original, graph, plans, extra)
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS]), keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,

@@ -90,7 +90,7 @@ def compile(  # noqa: A001 - the public name the API promises
     header = "# " + (command or f"autopipe.compile({name}, n_stages={n_stages}, method={method!r})")
     generated = generate(
         traced.graph_module, graph, assignment, n_stages, header,
-        extra={"model": name, "method": method, "batch_size": _batch_size(traced)},
+        extra={"model": name, "method": method, "batch_size": _batch_size(traced)}, original=model,
     )
     path = Path(output) if output is not None else default_output(name, n_stages, method)
     path.parent.mkdir(parents=True, exist_ok=True)

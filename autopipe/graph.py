@@ -257,13 +257,14 @@ def _convex_closure(graph: nx.DiGraph, members: set[str], order: dict[str, int])
 
 
 def _mutated_root(graph: nx.DiGraph, node: str, fx_nodes: dict[str, fx.Node]) -> str | None:
-    """The node that made the tensor an in-place node writes into, looking through views."""
+    """The node that made the tensor an in-place node writes into, looking through views and
+    earlier in-place nodes (whose results are the tensor they wrote into)."""
     args = fx_nodes[node].args
     target = args[0] if args and isinstance(args[0], fx.Node) else None
     if target is None:
         inputs = fx_nodes[node].all_input_nodes
         target = inputs[0] if inputs else None
-    while target is not None and graph.nodes[target.name]["view"]:
+    while target is not None and (graph.nodes[target.name]["view"] or graph.nodes[target.name]["inplace"]):
         inner = target.args[0] if target.args and isinstance(target.args[0], fx.Node) else None
         if inner is None:
             break
@@ -271,12 +272,47 @@ def _mutated_root(graph: nx.DiGraph, node: str, fx_nodes: dict[str, fx.Node]) ->
     return target.name if target is not None else None
 
 
+def _aliases(graph: nx.DiGraph, root: str, fx_nodes: dict[str, fx.Node]) -> set[str]:
+    """``root`` and the nodes whose value shares its memory: views of it and in-place results."""
+    found, stack = {root}, [root]
+    while stack:
+        node = stack.pop()
+        for succ in graph.successors(node):
+            args = fx_nodes[succ].args
+            if (succ not in found and (graph.nodes[succ]["view"] or graph.nodes[succ]["inplace"])
+                    and args and isinstance(args[0], fx.Node) and args[0].name == node):
+                found.add(succ)
+                stack.append(succ)
+    return found
+
+
+def _must_share_stage_with_write(
+    graph: nx.DiGraph, node: str, root: str | None, fx_nodes: dict[str, fx.Node], order: dict[str, int]
+) -> list[str]:
+    """The movable nodes that must run in the same stage as ``node``, which writes into ``root``."""
+    if root is None:
+        return []
+    op = graph.nodes[root]["op"]
+    if op == "placeholder":
+        return [n for n in graph.nodes if order[n] < order[node] and graph.nodes[n]["op"] not in ("placeholder", "get_attr")]
+    if op == "get_attr":
+        target = fx_nodes[root].target
+        roots = [n for n in graph.nodes if graph.nodes[n]["op"] == "get_attr" and fx_nodes[n].target == target]
+        aliases = set().union(*(_aliases(graph, r, fx_nodes) for r in roots))
+        return [s for a in aliases for s in graph.successors(a)] + [a for a in aliases if a not in roots]
+    aliases = _aliases(graph, root, fx_nodes)
+    return [root] + [s for a in aliases for s in graph.successors(a) if order[s] < order[node]]
+
+
 def placement_groups(graph: nx.DiGraph, module: fx.GraphModule) -> list[set[str]]:
     """Sets of nodes that must share a stage, each convex (no path leaves and re-enters it).
 
     - A value that is not a tensor (a size, a tuple) cannot be sent: it stays with its users.
     - An in-place operation stays with the node that made the tensor it writes into, so every
-      later reader, in any stage, sees the value the original program would.
+      later reader, in any stage, sees the value the original program would; so does every
+      earlier reader of that tensor (or of a view of it), which must not see the write. A write
+      into a model input stays in stage 0, where inputs live, with everything before it; a write
+      into a parameter or buffer stays with every reader of it, so that one stage holds it.
     Inputs and parameter reads are left out: inputs live in stage 0, parameter reads are
     repeated in every stage that needs them.
     """
@@ -303,9 +339,7 @@ def placement_groups(graph: nx.DiGraph, module: fx.GraphModule) -> list[set[str]
         if not data["value"].is_tensor:
             union([n, *(s for s in graph.successors(n) if s in movable)])
         if data["inplace"]:
-            root = _mutated_root(graph, n, fx_nodes)
-            if root in movable:
-                union([root, n])
+            union([n, *_must_share_stage_with_write(graph, n, _mutated_root(graph, n, fx_nodes), fx_nodes, order)])
     while True:
         groups: dict[str, set[str]] = {}
         for n in movable:

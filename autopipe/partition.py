@@ -93,8 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             output=args.output, name=task.name, depth=args.depth, basic_blocks=args.basic_blocks,
             seed=args.seed, command=command,
         )
-        for qualname, reason in result.traced.auto_leaves.items():
-            print(f"kept {qualname} as one layer: {reason}")
         print(summary(result))
         print(f"wrote {result.path}")
         if args.sanity_check:

@@ -172,15 +172,20 @@ def trace(
                 f"cannot trace {type(model).__name__}.forward itself: {_describe_failure(error)}; "
                 "move that code into a submodule (it then becomes a leaf) or name it with --basic_blocks"
             ) from error
-    _drop_constant_inputs(graph, set(constants))
+    _drop_constant_inputs(graph, model, set(constants))
     graph_module = fx.GraphModule(model, graph, class_name=type(model).__name__)
     return TraceResult(graph_module, names, inputs, dict(policy.auto_leaves))
 
 
-def _drop_constant_inputs(graph: fx.Graph, constant_names: set[str]) -> None:
-    """Remove the placeholders fx makes for fixed arguments, with the checks it hangs on them."""
-    for node in list(graph.nodes):
-        if node.op != "placeholder" or node.target not in constant_names:
+def _drop_constant_inputs(graph: fx.Graph, model: nn.Module, constant_names: set[str]) -> None:
+    """Remove the placeholders fx makes for fixed arguments, with the checks it hangs on them.
+
+    fx makes one placeholder per parameter of ``forward``, in order, but may rename them.
+    """
+    parameters = list(inspect.signature(model.forward).parameters)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(parameters, placeholders):
+        if name not in constant_names:
             continue
         checks = _only_checks_below(node)
         if checks is None:

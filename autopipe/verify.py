@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from autopipe.trace import bind_inputs
 
@@ -83,7 +83,7 @@ def verify(
 ) -> VerifyReport:
     """Compare the generated stages with ``model`` on ``example_inputs``; raise on a mismatch.
 
-    The user's model is not touched: a copy is run, in training mode.
+    The user's model and inputs are not touched: copies are run, the model in training mode.
     """
     original = copy.deepcopy(model).train()
     _switch_off_dropout(original)
@@ -95,7 +95,9 @@ def verify(
     names, inputs, _ = bind_inputs(original, example_inputs)
 
     torch.manual_seed(seed)
-    expected_outputs = [t for t in tree_flatten(original(**dict(zip(names, inputs))))[0] if isinstance(t, torch.Tensor)]
+    # the model may write into its inputs: it gets copies, so the stages see the inputs as given
+    copies = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, inputs)
+    expected_outputs = [t for t in tree_flatten(original(**dict(zip(names, copies))))[0] if isinstance(t, torch.Tensor)]
     generator = torch.Generator().manual_seed(seed)
     output_grads = [torch.randn(t.shape, generator=generator, dtype=t.dtype) if t.requires_grad else None
                     for t in expected_outputs]
@@ -104,7 +106,7 @@ def verify(
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
     torch.manual_seed(seed)
-    values: dict[str, Any] = {name: value for name, value in zip(names, inputs)}
+    values: dict[str, Any] = dict(zip(pipeline["model_inputs"], inputs))
     received: list[list[Any]] = []
     produced: list[tuple[Any, ...]] = []
     for index, (stage, spec) in enumerate(zip(stages, pipeline["stages"])):
@@ -124,14 +126,19 @@ def verify(
         if difference is not None:
             raise VerificationError(f"output {name!r} (stage {len(stages) - 1}) differs by {difference:.3g}")
 
-    grads: dict[str, torch.Tensor] = {}
+    # the model's output gradients enter at the last stage only; a value an earlier stage sends
+    # on to be returned gets them back through the last stage's input
+    seeds: dict[str, torch.Tensor] = {}
     for name, grad in zip(pipeline["model_outputs"], output_grads):
         if grad is not None:
-            grads[name] = grads[name] + grad if name in grads else grad
+            seeds[name] = seeds[name] + grad if name in seeds else grad
+    grads: dict[str, torch.Tensor] = {}
     for index in reversed(range(len(stages))):
         spec = pipeline["stages"][index]
-        pairs = [(t, grads[name]) for name, t in zip(spec["outputs"], produced[index])
-                 if isinstance(t, torch.Tensor) and t.requires_grad and name in grads]
+        upstream = seeds if index == len(stages) - 1 else grads
+        # a value listed twice (a model returning it twice) already has its gradients summed
+        pairs = [(t, upstream[name]) for name, t in dict(zip(spec["outputs"], produced[index])).items()
+                 if isinstance(t, torch.Tensor) and t.requires_grad and name in upstream]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         for name, arg in zip(spec["inputs"], received[index]):

@@ -1,0 +1,71 @@
+"""The command line: the main job, user errors as one-line messages, the sanity check."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autopipe import partition as cli
+from conftest import REPO
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_custom_task_with_fallback_leaf_passes_the_sanity_check(
+    tmp_path: Path, capsys, caplog, user_models_file: Path
+) -> None:
+    output = tmp_path / "two_tower.py"
+    code, out, err = _run(
+        ["custom", "--task", f"{user_models_file}:two_tower", "-p", "3", "-o", str(output), "--sanity_check"], capsys
+    )
+    assert code == 0, err
+    assert "sanity check passed" in out
+    assert "kept gate as one layer" in caplog.text and "control flow" in caplog.text
+    source = output.read_text()
+    assert "from user_models import Gate" in source
+    assert "Gate(16, threshold=0.5)" in source
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["vision", "--model", "no_such_model"], "unknown vision model 'no_such_model'"),
+        (["vision", "--model", "vgg_tiny", "-p", "500", "-b", "2"], "500 stages is more than that"),
+        (["custom", "--task", "missing.py:build"], "missing.py does not exist"),
+        (["custom", "--task", "{assets}/user_models.py:untraceable"], "user_models.py:"),
+        (["custom", "--task", "{assets}/user_models.py:not_a_task"], "must return (model, example_inputs)"),
+        (["custom", "--task", "{assets}/user_models.py:nothing_here"], "has no callable 'nothing_here'"),
+        (["vision", "--model", "vgg_tiny", "-b", "0"], "batch size must be at least 1"),
+    ],
+)
+def test_user_errors_are_one_line(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{assets}", str(REPO / "tests" / "assets")) for a in argv]
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_a_user_error_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
+    process = subprocess.run(
+        [sys.executable, "-m", "autopipe.partition", "nlp", "--model", "gpt3"],
+        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=120,
+    )
+    assert process.returncode == 2
+    assert process.stderr.startswith("autopipe: error: unknown nlp model 'gpt3'")
+    assert "Traceback" not in process.stderr
+
+
+def test_zoo_model_writes_the_default_file_name(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _run(["nlp", "--model", "bert_tiny", "-p", "2", "-b", "2", "--seq_len", "16"], capsys)
+    assert code == 0
+    assert (tmp_path / "generated_models" / "bert_tiny_s16_p2_params.py").is_file()
+    assert "wrote generated_models/bert_tiny_s16_p2_params.py" in out
