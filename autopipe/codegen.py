@@ -13,7 +13,7 @@ import keyword
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import black
 import jinja2
@@ -21,10 +21,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from autopipe.errors import UserError
-from autopipe.graph import ValueInfo, dtype_name
+from autopipe.graph import ValueInfo
 from autopipe.rebuild import Imports, check_rebuilt, constructor, literal
 
 _HERE = Path(__file__).resolve().parent
@@ -462,8 +461,3 @@ def generate(
     except black.InvalidInput as error:
         raise RuntimeError(f"generated code is not valid Python: {error}") from error
     return GeneratedFile(source, pipeline)
-
-
-def model_output_leaves(output: Any) -> list[Any]:
-    """The tensors of a model's output, in the order ``PIPELINE['model_outputs']`` lists them."""
-    return [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]

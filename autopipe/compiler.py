@@ -16,7 +16,7 @@ from torch import nn
 from autopipe.codegen import generate
 from autopipe.errors import UserError
 from autopipe.graph import build_graph, propagate_values
-from autopipe.partitioning import PartitionOptions, partition
+from autopipe.partitioning import Partition, PartitionOptions, partition
 from autopipe.trace import TraceResult, trace
 from autopipe.verify import VerifyReport, verify
 
@@ -34,10 +34,15 @@ class CompileResult:
     stages: list[nn.Module]
     pipeline: dict[str, Any]
     graph: nx.DiGraph
-    assignment: dict[str, int]
+    partition: Partition
     traced: TraceResult
     model: nn.Module = field(repr=False)
     example_inputs: Sequence[Any] | Mapping[str, Any] = field(repr=False)
+
+    @property
+    def assignment(self) -> dict[str, int]:
+        """The stage of every graph node."""
+        return self.partition.assignment
 
     def verify(self, seed: int = 0, rtol: float = 1e-5, atol: float = 1e-6) -> VerifyReport:
         """Check the stages against the original model; raises VerificationError on a mismatch."""
@@ -86,10 +91,10 @@ def compile(  # noqa: A001 - the public name the API promises
         log.warning("kept %s as one layer: its tracing failed with %s", qualname, reason)
     values = propagate_values(traced)
     graph = build_graph(traced, values)
-    assignment = partition(graph, traced.graph_module, n_stages, method, PartitionOptions(seed=seed))
+    planned = partition(graph, traced.graph_module, n_stages, method, PartitionOptions(seed=seed))
     header = "# " + (command or f"autopipe.compile({name}, n_stages={n_stages}, method={method!r})")
     generated = generate(
-        traced.graph_module, graph, assignment, n_stages, header,
+        traced.graph_module, graph, planned.assignment, planned.n_stages, header,
         extra={"model": name, "method": method, "batch_size": _batch_size(traced)}, original=model,
     )
     path = Path(output) if output is not None else default_output(name, n_stages, method)
@@ -97,7 +102,7 @@ def compile(  # noqa: A001 - the public name the API promises
     path.write_text(generated.source)
     module = import_generated(path)
     stages = module.build_stages(model.state_dict())
-    return CompileResult(path, module, stages, module.PIPELINE, graph, assignment, traced, model, example_inputs)
+    return CompileResult(path, module, stages, module.PIPELINE, graph, planned, traced, model, example_inputs)
 
 
 def _batch_size(traced: TraceResult) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -76,10 +77,20 @@ class _Recorder(fx.Interpreter):
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module)
         self.values: dict[str, Any] = {}
+        self.tensors: dict[str, weakref.ref[torch.Tensor]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         self.values[n.name] = _shallow_meta(result)
+        if isinstance(result, torch.Tensor):
+            self.tensors[n.name] = weakref.ref(result)
+        if is_inplace(n, self.module):
+            # a write with a value that needs a gradient makes the tensor written into (and the
+            # tensors that view it) need one too: record the state they are sent in
+            for name, ref in self.tensors.items():
+                tensor = ref()
+                if tensor is not None and tensor.requires_grad != self.values[name].requires_grad:
+                    self.values[name] = _shallow_meta(tensor)
         return result
 
 
@@ -304,15 +315,27 @@ def _must_share_stage_with_write(
     return [root] + [s for a in aliases for s in graph.successors(a) if order[s] < order[node]]
 
 
+def _ancestors(graph: nx.DiGraph, members: set[str]) -> set[str]:
+    """Every node with a path to a member."""
+    found, stack = set(), list(members)
+    while stack:
+        for pred in graph.predecessors(stack.pop()):
+            if pred not in found:
+                found.add(pred)
+                stack.append(pred)
+    return found
+
+
 def placement_groups(graph: nx.DiGraph, module: fx.GraphModule) -> list[set[str]]:
     """Sets of nodes that must share a stage, each convex (no path leaves and re-enters it).
 
     - A value that is not a tensor (a size, a tuple) cannot be sent: it stays with its users.
     - An in-place operation stays with the node that made the tensor it writes into, so every
       later reader, in any stage, sees the value the original program would; so does every
-      earlier reader of that tensor (or of a view of it), which must not see the write. A write
-      into a model input stays in stage 0, where inputs live, with everything before it; a write
-      into a parameter or buffer stays with every reader of it, so that one stage holds it.
+      earlier reader of that tensor (or of a view of it), which must not see the write.
+    - A write into a model input stays where inputs live, in stage 0: its group holds everything
+      before it in the program and everything its members depend on, so that it comes first.
+    - A write into a parameter or buffer stays with every reader of it, so one stage holds it.
     Inputs and parameter reads are left out: inputs live in stage 0, parameter reads are
     repeated in every stage that needs them.
     """
@@ -334,45 +357,67 @@ def placement_groups(graph: nx.DiGraph, module: fx.GraphModule) -> list[set[str]
                 parent[max(a, b, key=order.__getitem__)] = min(a, b, key=order.__getitem__)
 
     movable = {n for n in graph.nodes if graph.nodes[n]["op"] not in ("placeholder", "get_attr")}
+    first = set()
     for n in sorted(movable, key=order.__getitem__):
         data = graph.nodes[n]
         if not data["value"].is_tensor:
             union([n, *(s for s in graph.successors(n) if s in movable)])
         if data["inplace"]:
-            union([n, *_must_share_stage_with_write(graph, n, _mutated_root(graph, n, fx_nodes), fx_nodes, order)])
+            root = _mutated_root(graph, n, fx_nodes)
+            union([n, *_must_share_stage_with_write(graph, n, root, fx_nodes, order)])
+            if root is not None and graph.nodes[root]["op"] == "placeholder":
+                first.add(n)
     while True:
         groups: dict[str, set[str]] = {}
         for n in movable:
             groups.setdefault(find(n), set()).add(n)
         changed = False
         for members in groups.values():
-            if len(members) > 1:
-                closed = _convex_closure(graph, members, order) & movable
-                if closed != members:
-                    union(closed)
-                    changed = True
+            closed = _convex_closure(graph, members, order) & movable if len(members) > 1 else members
+            if members & first:
+                closed = closed | (_ancestors(graph, closed) & movable)
+            if closed != members:
+                union(closed)
+                changed = True
         if not changed:
             break
     return sorted(groups.values(), key=lambda g: min(order[n] for n in g))
 
 
 def contract(graph: nx.DiGraph, groups: list[set[str]]) -> nx.DiGraph:
-    """One node per group, weights summed; edges carry the bytes of distinct values crossing.
+    """One node per group, costs summed; edges carry the values (and bytes) crossing.
 
-    Each coarse node's ``rank`` is its place in a topological order that follows the program.
+    A coarse node holds ``members``, ``param_bytes`` and ``state_bytes`` (parameter reads count
+    for their first reader), ``forward_ms`` and ``backward_ms`` (0 where nothing was profiled),
+    ``activation_bytes`` (what its members produce, views excluded) and ``sends`` (value name ->
+    (bytes, requires_grad) for every value used outside the group). Its ``rank`` is its place in
+    a topological order that follows the program.
     """
     owner = {n: i for i, g in enumerate(groups) for n in g}
     param_bytes = [sum(graph.nodes[n]["param_bytes"] for n in members) for members in groups]
+    state_bytes = [sum(sum(graph.nodes[n]["state_bytes"].values()) for n in members) for members in groups]
     for n in graph.nodes:
         readers = [s for s in graph.successors(n) if s in owner]
         if graph.nodes[n]["op"] == "get_attr" and readers:
-            first = min(readers, key=lambda s: graph.nodes[s]["order"])
-            param_bytes[owner[first]] += graph.nodes[n]["param_bytes"]
+            first = owner[min(readers, key=lambda s: graph.nodes[s]["order"])]
+            param_bytes[first] += graph.nodes[n]["param_bytes"]
+            state_bytes[first] += sum(graph.nodes[n]["state_bytes"].values())
     coarse = nx.DiGraph()
     for i, members in enumerate(groups):
         ordered = sorted(members, key=lambda n: graph.nodes[n]["order"])
-        coarse.add_node(i, members=ordered, order=graph.nodes[ordered[0]]["order"],
-                        param_bytes=param_bytes[i])
+        nodes = [graph.nodes[n] for n in ordered]
+        coarse.add_node(
+            i,
+            members=ordered,
+            order=nodes[0]["order"],
+            param_bytes=param_bytes[i],
+            state_bytes=state_bytes[i],
+            forward_ms=sum(d.get("forward_ms", 0.0) for d in nodes),
+            backward_ms=sum(d.get("backward_ms", 0.0) for d in nodes),
+            activation_bytes=sum(d["value"].nbytes for d in nodes if d["value"].is_tensor and not d["view"]),
+            sends={n: (graph.nodes[n]["value"].nbytes, graph.nodes[n]["value"].requires_grad) for n in ordered
+                   if any(owner.get(s, i) != i for s in graph.successors(n))},
+        )
     for u, v in graph.edges:
         if u in owner and v in owner and owner[u] != owner[v]:
             a, b = owner[u], owner[v]

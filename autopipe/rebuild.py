@@ -12,12 +12,10 @@ from __future__ import annotations
 import builtins
 import contextlib
 import inspect
-import keyword
 import math
 import operator
 import sys
 import weakref
-from collections import OrderedDict
 from types import FrameType
 from typing import Any, Callable, Iterator
 
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 from autopipe.errors import UserError
-from autopipe.trace import CONTAINERS, is_torch_layer
+from autopipe.trace import CONTAINERS
 
 _SKIPPED_PARAMETERS = frozenset({"device", "dtype"})
 

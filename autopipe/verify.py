@@ -142,7 +142,7 @@ def verify(
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         for name, arg in zip(spec["inputs"], received[index]):
-            if isinstance(arg, torch.Tensor) and arg.grad is not None:
+            if isinstance(arg, torch.Tensor) and arg.is_leaf and arg.grad is not None:
                 grads[name] = grads[name] + arg.grad if name in grads else arg.grad
 
     checked = _compare_state(original, stages, rtol, atol)

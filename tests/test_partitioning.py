@@ -31,7 +31,7 @@ def _stage_params(graph, assignment, n_stages: int) -> list[int]:
 
 def test_params_method_balances_parameter_bytes() -> None:
     traced, graph = _setup(_chain([64, 64, 64, 64, 64, 64, 64, 64, 64]), torch.randn(2, 64))
-    assignment = partition(graph, traced.graph_module, 4, "params")
+    assignment = partition(graph, traced.graph_module, 4, "params").assignment
     totals = _stage_params(graph, assignment, 4)
     assert max(totals) == min(totals)
 
@@ -39,7 +39,7 @@ def test_params_method_balances_parameter_bytes() -> None:
 def test_params_method_is_optimal_for_a_chain() -> None:
     widths = [8, 64, 8, 32, 8, 16, 8, 128, 8]
     traced, graph = _setup(_chain(widths), torch.randn(2, 8))
-    assignment = partition(graph, traced.graph_module, 3, "params")
+    assignment = partition(graph, traced.graph_module, 3, "params").assignment
     layer_bytes = [(a * b + b) * 4 for a, b in zip(widths, widths[1:])]
     best = min(
         max(sum(layer_bytes[:i]), sum(layer_bytes[i:j]), sum(layer_bytes[j:]))
@@ -51,14 +51,14 @@ def test_params_method_is_optimal_for_a_chain() -> None:
 def test_every_stage_gets_work_and_edges_go_forward() -> None:
     traced, graph = _setup(_chain([4] * 6), torch.randn(2, 4))
     for n_stages in range(1, 6):
-        assignment = partition(graph, traced.graph_module, n_stages, "params")
+        assignment = partition(graph, traced.graph_module, n_stages, "params").assignment
         validate(graph, assignment, n_stages)
         assert {assignment[n] for n in graph.nodes if graph.nodes[n]["op"] == "placeholder"} == {0}
 
 
 def test_validation_rejects_backward_edges_and_empty_stages() -> None:
     traced, graph = _setup(_chain([4, 4, 4]), torch.randn(2, 4))
-    assignment = partition(graph, traced.graph_module, 2, "params")
+    assignment = partition(graph, traced.graph_module, 2, "params").assignment
     reversed_assignment = {n: 1 - s if graph.nodes[n]["op"] != "placeholder" else 0 for n, s in assignment.items()}
     with pytest.raises(InvalidPartition, match="values may only flow"):
         validate(graph, reversed_assignment, 2)

@@ -8,28 +8,34 @@ result is expanded back to every fx node and validated before any code is genera
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import networkx as nx
 import torch.fx as fx
 
+from autopipe.cost import StageCost, check_memory, stage_costs
 from autopipe.errors import UserError
 from autopipe.graph import contract, placement_groups
+from autopipe.partitioning.base import DeviceGroup, Level, Method, PartitionOptions, Plan
 from autopipe.partitioning.params import partition_by_params
-
-
-@dataclass(frozen=True)
-class PartitionOptions:
-    """Settings every method may read; methods ignore what they do not use."""
-
-    seed: int = 0
-
-
-Method = Callable[[nx.DiGraph, int, PartitionOptions], dict[int, int]]
 
 METHODS: dict[str, Method] = {
     "params": partition_by_params,
 }
+
+__all__ = ["METHODS", "DeviceGroup", "InvalidPartition", "Level", "Partition", "PartitionOptions", "Plan",
+           "expand", "partition", "validate"]
+
+
+@dataclass
+class Partition:
+    """The result of partitioning: stages of fine and contracted nodes, replicas and costs."""
+
+    assignment: dict[str, int]
+    coarse: nx.DiGraph
+    stage_of: dict[int, int]
+    n_stages: int
+    replicas: tuple[int, ...]
+    costs: list[StageCost]
 
 
 class InvalidPartition(Exception):
@@ -42,8 +48,12 @@ def partition(
     n_stages: int,
     method: str,
     options: PartitionOptions = PartitionOptions(),
-) -> dict[str, int]:
-    """Assign every node of ``graph`` to a stage in ``0..n_stages-1`` with ``method``."""
+) -> Partition:
+    """Assign every node of ``graph`` to a stage with ``method``; validate and cost the result.
+
+    Raises UserError when the request cannot be met (more stages than the graph has units,
+    a stage over the memory limit).
+    """
     if method not in METHODS:
         raise UserError(f"unknown partitioning method {method!r}; choose from {', '.join(METHODS)}")
     if n_stages < 1:
@@ -55,10 +65,15 @@ def partition(
             f"{n_stages} stages is more than that: lower -p"
         )
     coarse = contract(graph, groups)
-    coarse_stage = METHODS[method](coarse, n_stages, options)
-    assignment = expand(graph, coarse, coarse_stage)
-    validate(graph, assignment, n_stages)
-    return assignment
+    answer = METHODS[method](coarse, n_stages, options)
+    plan = answer if isinstance(answer, Plan) else Plan(answer)
+    stages = 1 + max(plan.stage_of.values())
+    replicas = plan.replicas or (1,) * stages
+    assignment = expand(graph, coarse, plan.stage_of)
+    validate(graph, assignment, stages)
+    costs = stage_costs(coarse, plan.stage_of, stages, options.cost)
+    check_memory(costs, options.cost)
+    return Partition(assignment, coarse, dict(plan.stage_of), stages, tuple(replicas), costs)
 
 
 def expand(graph: nx.DiGraph, coarse: nx.DiGraph, coarse_stage: dict[int, int]) -> dict[str, int]:

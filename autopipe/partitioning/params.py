@@ -6,12 +6,9 @@ baseline the profiled methods are measured against.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import networkx as nx
 
-if TYPE_CHECKING:
-    from autopipe.partitioning import PartitionOptions
+from autopipe.partitioning.base import PartitionOptions
 
 
 def partition_by_params(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> dict[int, int]:

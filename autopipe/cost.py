@@ -1,0 +1,162 @@
+"""The cost model: what a stage costs in time and memory. The one place these formulas live.
+
+Costs are computed on the contracted graph (``autopipe.graph.contract``), whose nodes carry
+``forward_ms``, ``backward_ms``, ``param_bytes``, ``state_bytes``, ``activation_bytes`` and
+``sends`` (the values the node's group hands to other groups: name -> (bytes, requires_grad)).
+Times are for one whole batch, as traced and profiled; a pipeline runs it as ``microbatches``
+pieces.
+
+- stage time = forward + backward + the time to send its outputs and to receive the gradients
+  of those outputs (bytes / bandwidth; a gradient only where the value requires one). A value
+  sent to several later stages is counted once.
+- stage memory = weights and buffers + gradients + optimizer state + the activations of the
+  microbatches in flight: GPipe keeps all m, 1F1B keeps min(p - s, m) on stage s. With
+  recomputation a stage keeps only its inputs per microbatch in flight, plus one microbatch's
+  activations while it recomputes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from autopipe.errors import UserError
+
+SCHEDULES = ("1f1b", "gpipe")
+OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2, "adamw": 2}
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The target machine and training setup that costs are measured against."""
+
+    bandwidth: float = 12.0
+    """Link bandwidth between stages, GB/s."""
+    memory_limit: float | None = None
+    """Bytes available on one device; None means no limit."""
+    schedule: str = "1f1b"
+    microbatches: int = 4
+    optimizer_slots: int = 1
+    """Tensors of optimizer state per parameter: 1 for SGD with momentum, 2 for Adam."""
+    recomputation: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bandwidth <= 0:
+            raise UserError(f"--bw must be positive, got {self.bandwidth}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.microbatches < 1:
+            raise UserError(f"--microbatches must be at least 1, got {self.microbatches}")
+        if self.memory_limit is not None and self.memory_limit <= 0:
+            raise UserError(f"--memory_limit must be positive, got {self.memory_limit}")
+
+    def transfer_ms(self, nbytes: float) -> float:
+        """Milliseconds to move ``nbytes`` over one link."""
+        return nbytes / (self.bandwidth * 1e9) * 1e3
+
+    def in_flight(self, stage: int, n_stages: int) -> int:
+        """Microbatches whose activations stage ``stage`` holds at once."""
+        if self.schedule == "gpipe":
+            return self.microbatches
+        return min(n_stages - stage, self.microbatches)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Time and memory of one stage, for one whole batch."""
+
+    forward_ms: float
+    backward_ms: float
+    comm_ms: float
+    send_bytes: int
+    grad_bytes: int
+    param_bytes: int
+    state_bytes: int
+    activation_bytes: int
+    input_bytes: int
+    memory_bytes: int
+
+    @property
+    def compute_ms(self) -> float:
+        return self.forward_ms + self.backward_ms
+
+    @property
+    def time_ms(self) -> float:
+        return self.compute_ms + self.comm_ms
+
+
+def node_compute_ms(coarse: nx.DiGraph, node: int) -> float:
+    data = coarse.nodes[node]
+    return data.get("forward_ms", 0.0) + data.get("backward_ms", 0.0)
+
+
+def stage_costs(coarse: nx.DiGraph, stage_of: dict[int, int], n_stages: int, model: CostModel) -> list[StageCost]:
+    """The cost of every stage of an assignment of contracted nodes to stages."""
+    sums = [dict(forward=0.0, backward=0.0, params=0, state=0, acts=0) for _ in range(n_stages)]
+    sends: list[dict[str, tuple[int, bool]]] = [{} for _ in range(n_stages)]
+    receives: list[dict[str, int]] = [{} for _ in range(n_stages)]
+    for node, data in coarse.nodes(data=True):
+        s = stage_of[node]
+        sums[s]["forward"] += data.get("forward_ms", 0.0)
+        sums[s]["backward"] += data.get("backward_ms", 0.0)
+        sums[s]["params"] += data.get("param_bytes", 0)
+        sums[s]["state"] += data.get("state_bytes", 0)
+        sums[s]["acts"] += data.get("activation_bytes", 0)
+    for u, v, edge in coarse.edges(data=True):
+        if stage_of[u] == stage_of[v]:
+            continue
+        produced = coarse.nodes[u].get("sends", {})
+        for name in edge.get("values", ()):
+            nbytes, grad = produced.get(name, (0, False))
+            sends[stage_of[u]][name] = (nbytes, grad)
+            receives[stage_of[v]][name] = nbytes
+    costs = []
+    for s in range(n_stages):
+        send_bytes = sum(b for b, _ in sends[s].values())
+        grad_bytes = sum(b for b, g in sends[s].values() if g)
+        input_bytes = sum(receives[s].values())
+        costs.append(StageCost(
+            forward_ms=sums[s]["forward"],
+            backward_ms=sums[s]["backward"],
+            comm_ms=model.transfer_ms(send_bytes + grad_bytes),
+            send_bytes=send_bytes,
+            grad_bytes=grad_bytes,
+            param_bytes=sums[s]["params"],
+            state_bytes=sums[s]["state"],
+            activation_bytes=sums[s]["acts"],
+            input_bytes=input_bytes,
+            memory_bytes=stage_memory(sums[s]["state"], sums[s]["params"], sums[s]["acts"], input_bytes,
+                                      s, n_stages, model),
+        ))
+    return costs
+
+
+def stage_memory(state_bytes: int, param_bytes: int, activation_bytes: int, input_bytes: int,
+                 stage: int, n_stages: int, model: CostModel) -> int:
+    """Bytes one device needs for a stage: state, gradients, optimizer state, activations."""
+    per_microbatch = activation_bytes / model.microbatches
+    in_flight = model.in_flight(stage, n_stages)
+    if model.recomputation:
+        activations = in_flight * input_bytes / model.microbatches + per_microbatch
+    else:
+        activations = in_flight * per_microbatch
+    return int(state_bytes + param_bytes * (1 + model.optimizer_slots) + activations)
+
+
+def lower_bound_ms(coarse: nx.DiGraph, n_stages: int) -> float:
+    """No partition's slowest stage can beat max(total compute / p, costliest single node)."""
+    costs = [node_compute_ms(coarse, n) for n in coarse.nodes]
+    return max(sum(costs) / n_stages, max(costs, default=0.0))
+
+
+def check_memory(costs: list[StageCost], model: CostModel) -> None:
+    """Raise a UserError naming the first stage over the memory limit."""
+    if model.memory_limit is None:
+        return
+    for index, cost in enumerate(costs):
+        if cost.memory_bytes > model.memory_limit:
+            raise UserError(
+                f"stage {index} needs {cost.memory_bytes / 1e9:.2f} GB, the limit is "
+                f"{model.memory_limit / 1e9:.2f} GB: raise -p or --memory_limit"
+            )
