@@ -22,8 +22,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from autopipe.cost import StageCost
 from autopipe.errors import UserError
 from autopipe.graph import ValueInfo
+from autopipe.partitioning import Partition
 from autopipe.rebuild import Imports, check_rebuilt, constructor, literal
 
 _HERE = Path(__file__).resolve().parent
@@ -372,8 +374,21 @@ def _value_spec(info: ValueInfo, producer: int | None, consumers: list[int]) -> 
     }
 
 
+def _cost_entry(cost: StageCost) -> dict[str, Any]:
+    """A stage's predicted costs, rounded so that files stay readable."""
+    return {
+        "forward_ms": round(cost.forward_ms, 4),
+        "backward_ms": round(cost.backward_ms, 4),
+        "comm_ms": round(cost.comm_ms, 4),
+        "param_bytes": cost.param_bytes,
+        "send_bytes": cost.send_bytes,
+        "recv_bytes": cost.input_bytes,
+        "memory_bytes": cost.memory_bytes,
+    }
+
+
 def describe_pipeline(
-    original_model: nn.Module, graph: nx.DiGraph, plans: list[StagePlan], extra: dict[str, Any]
+    original_model: nn.Module, graph: nx.DiGraph, plans: list[StagePlan], extra: dict[str, Any], partition: Partition
 ) -> dict[str, Any]:
     """The PIPELINE dict: inputs, outputs, stages with value specs, state and tied groups."""
     consumers: dict[str, list[int]] = {}
@@ -404,12 +419,8 @@ def describe_pipeline(
             "values": values,
             "parameters": [k for k, t in keys.items() if isinstance(t, nn.Parameter)],
             "buffers": [k for k, t in keys.items() if not isinstance(t, nn.Parameter)],
-            "costs": {
-                "param_bytes": sum(t.numel() * t.element_size() for t in {id(t): t for t in keys.values()
-                                   if isinstance(t, nn.Parameter)}.values()),
-                "send_bytes": sum(graph.nodes[n]["value"].nbytes for n in plan.outputs),
-                "recv_bytes": sum(graph.nodes[n]["value"].nbytes for n in plan.inputs),
-            },
+            "replicas": partition.replicas[plan.index],
+            "costs": _cost_entry(partition.costs[plan.index]),
         })
     tied = [group for group in held.values() if len({stage for stage, _ in group}) > 1]
     inputs = graph.graph["inputs"]
@@ -430,21 +441,22 @@ def describe_pipeline(
 def generate(
     module: fx.GraphModule,
     graph: nx.DiGraph,
-    assignment: dict[str, int],
-    n_stages: int,
+    partition: Partition,
     header: str,
     extra: dict[str, Any],
     original: nn.Module,
+    analysis: str | None = None,
 ) -> GeneratedFile:
-    """Source text of the generated file for ``assignment``, formatted by black.
+    """Source text of the generated file for ``partition``, formatted by black.
 
     ``module`` is the traced ``original``; the original model gives the state dict keys.
+    ``analysis``, when given, is appended to the file's docstring.
     """
-    plans = plan_stages(module, graph, assignment, n_stages, original)
+    plans = plan_stages(module, graph, partition.assignment, partition.n_stages, original)
     writer = _Writer(module, set(original.state_dict()))
     root_name = type(module).__name__
     stages = [writer.stage(plan, graph, root_name) for plan in plans]
-    pipeline = describe_pipeline(original, graph, plans, extra)
+    pipeline = describe_pipeline(original, graph, plans, extra, partition)
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS]), keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
@@ -455,6 +467,7 @@ def generate(
         imports=sorted(writer.imports.lines),
         stages=stages,
         pipeline=literal(pipeline, Imports()),
+        analysis=analysis,
     )
     try:
         source = black.format_str(text, mode=black.Mode(line_length=100))

@@ -13,10 +13,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import networkx as nx
 from torch import nn
 
+from autopipe.analysis import Analysis, analyse
 from autopipe.codegen import generate
+from autopipe.cost import lower_bound_ms
 from autopipe.errors import UserError
 from autopipe.graph import build_graph, propagate_values
-from autopipe.partitioning import Partition, PartitionOptions, partition
+from autopipe.partitioning import DEFAULT_METHOD, Partition, PartitionOptions, partition
+from autopipe.profile import annotate, profile
 from autopipe.trace import TraceResult, trace
 from autopipe.verify import VerifyReport, verify
 
@@ -29,13 +32,14 @@ GENERATED_DIR = Path("generated_models")
 class CompileResult:
     """A compiled pipeline: the file, the imported module, its stages with the model's weights."""
 
-    path: Path
-    module: ModuleType
+    path: Path | None
+    module: ModuleType | None
     stages: list[nn.Module]
     pipeline: dict[str, Any]
     graph: nx.DiGraph
     partition: Partition
     traced: TraceResult
+    analysis: Analysis | None
     model: nn.Module = field(repr=False)
     example_inputs: Sequence[Any] | Mapping[str, Any] = field(repr=False)
 
@@ -46,6 +50,8 @@ class CompileResult:
 
     def verify(self, seed: int = 0, rtol: float = 1e-5, atol: float = 1e-6) -> VerifyReport:
         """Check the stages against the original model; raises VerificationError on a mismatch."""
+        if self.module is None:
+            raise UserError("nothing was generated (write=False), so there is nothing to verify")
         return verify(self.model, self.example_inputs, self.module, seed=seed, rtol=rtol, atol=atol)
 
 
@@ -66,43 +72,74 @@ def import_generated(path: Path) -> ModuleType:
     return module
 
 
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How node costs are obtained: ``flops`` (analytical, deterministic) or ``measured``."""
+
+    mode: str = "flops"
+    device: str = "cpu"
+    device_spec: str = "v100"
+    recomputation: bool = True
+    save_memory_mode: bool = False
+    cache_name: str | None = None
+    overwrite_cache: bool = False
+    progress: bool = False
+
+
 def compile(  # noqa: A001 - the public name the API promises
     model: nn.Module,
     example_inputs: Sequence[Any] | Mapping[str, Any],
     n_stages: int,
-    method: str = "params",
+    method: str = DEFAULT_METHOD,
     output: str | Path | None = None,
     *,
     name: str | None = None,
     depth: int | None = None,
     basic_blocks: Iterable[str] = (),
     seed: int = 0,
+    options: PartitionOptions | None = None,
+    profiling: ProfileSettings = ProfileSettings(),
+    analysis: bool = True,
+    write: bool = True,
     command: str | None = None,
 ) -> CompileResult:
-    """Trace, partition and generate ``model`` as ``n_stages`` pipeline stages.
+    """Trace, profile, partition and generate ``model`` as ``n_stages`` pipeline stages.
 
     Writes the generated file to ``output`` (default ``generated_models/<name>_p<p>_<method>.py``),
-    imports it and builds its stages with the model's weights. ``command`` is the header line
-    naming what produced the file; by default, this call.
+    imports it and builds its stages with the model's weights; with ``write=False`` only the
+    partition and its analysis are made. ``options`` holds the cost model and method settings,
+    ``profiling`` how node costs are obtained. ``command`` is the header line naming what
+    produced the file; by default, this call.
     """
     name = name or type(model).__name__
+    options = options or PartitionOptions(seed=seed)
     traced = trace(model, example_inputs, depth=depth, basic_blocks=basic_blocks)
     for qualname, reason in traced.auto_leaves.items():
         log.warning("kept %s as one layer: its tracing failed with %s", qualname, reason)
-    values = propagate_values(traced)
-    graph = build_graph(traced, values)
-    planned = partition(graph, traced.graph_module, n_stages, method, PartitionOptions(seed=seed))
+    graph = build_graph(traced, propagate_values(traced))
+    annotate(graph, profile(
+        traced, graph, mode=profiling.mode, device=profiling.device, device_spec=profiling.device_spec,
+        recomputation=profiling.recomputation, save_memory_mode=profiling.save_memory_mode,
+        cache_name=profiling.cache_name, overwrite_cache=profiling.overwrite_cache, progress=profiling.progress,
+    ))
+    planned = partition(graph, traced.graph_module, n_stages, method, options)
+    batch_size = _batch_size(traced)
+    report = analyse(planned.costs, planned.replicas, lower_bound_ms(planned.coarse, planned.n_stages),
+                     options.cost, batch_size) if analysis else None
+    if not write:
+        return CompileResult(None, None, [], {}, graph, planned, traced, report, model, example_inputs)
     header = "# " + (command or f"autopipe.compile({name}, n_stages={n_stages}, method={method!r})")
     generated = generate(
-        traced.graph_module, graph, planned.assignment, planned.n_stages, header,
-        extra={"model": name, "method": method, "batch_size": _batch_size(traced)}, original=model,
+        traced.graph_module, graph, planned, header,
+        extra={"model": name, "method": method, "batch_size": batch_size}, original=model,
+        analysis=report.table() if report else None,
     )
     path = Path(output) if output is not None else default_output(name, n_stages, method)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(generated.source)
     module = import_generated(path)
     stages = module.build_stages(model.state_dict())
-    return CompileResult(path, module, stages, module.PIPELINE, graph, planned, traced, model, example_inputs)
+    return CompileResult(path, module, stages, module.PIPELINE, graph, planned, traced, report, model, example_inputs)
 
 
 def _batch_size(traced: TraceResult) -> int | None:

@@ -10,9 +10,9 @@ pieces.
   of those outputs (bytes / bandwidth; a gradient only where the value requires one). A value
   sent to several later stages is counted once.
 - stage memory = weights and buffers + gradients + optimizer state + the activations of the
-  microbatches in flight: GPipe keeps all m, 1F1B keeps min(p - s, m) on stage s. With
-  recomputation a stage keeps only its inputs per microbatch in flight, plus one microbatch's
-  activations while it recomputes.
+  microbatches in flight (their inputs and what the stage computes from them): GPipe keeps all
+  m, 1F1B keeps min(p - s, m) on stage s. With recomputation a stage keeps only the inputs of the
+  microbatches in flight, plus one microbatch's activations while it recomputes.
 """
 
 from __future__ import annotations
@@ -135,12 +135,13 @@ def stage_costs(coarse: nx.DiGraph, stage_of: dict[int, int], n_stages: int, mod
 def stage_memory(state_bytes: int, param_bytes: int, activation_bytes: int, input_bytes: int,
                  stage: int, n_stages: int, model: CostModel) -> int:
     """Bytes one device needs for a stage: state, gradients, optimizer state, activations."""
-    per_microbatch = activation_bytes / model.microbatches
+    inputs = input_bytes / model.microbatches
+    produced = activation_bytes / model.microbatches
     in_flight = model.in_flight(stage, n_stages)
     if model.recomputation:
-        activations = in_flight * input_bytes / model.microbatches + per_microbatch
+        activations = in_flight * inputs + produced
     else:
-        activations = in_flight * per_microbatch
+        activations = in_flight * (inputs + produced)
     return int(state_bytes + param_bytes * (1 + model.optimizer_slots) + activations)
 
 

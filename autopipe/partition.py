@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 from typing import Sequence
 
-from autopipe.compiler import CompileResult, compile
+from autopipe.compiler import ProfileSettings, compile
+from autopipe.cost import OPTIMIZER_SLOTS, SCHEDULES, CostModel
+from autopipe.dot import write_pictures
 from autopipe.errors import UserError
-from autopipe.partitioning import METHODS
+from autopipe.partitioning import DEFAULT_METHOD, METHODS, Level, PartitionOptions
+from autopipe.profile import DEVICES
 from autopipe.tasks import DEFAULT_MODEL, FAMILIES, Task, custom_task, zoo_task
 from autopipe.verify import VerificationError
-
-_MB = 1e6
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-p", "--n_partitions", type=int, default=4, help="number of pipeline stages (default 4)")
     common.add_argument("-b", "--batch_size", type=int, default=32, help="batch size to trace at (default 32)")
-    common.add_argument("--partitioning_method", default="params", choices=sorted(METHODS),
-                        help="how to split the graph (default params)")
+    common.add_argument("--partitioning_method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                        help=f"how to split the graph (default {DEFAULT_METHOD})")
     common.add_argument("--depth", type=int, default=None,
                         help="keep every module nested deeper than N as one layer")
     common.add_argument("--basic_blocks", nargs="+", default=[], metavar="CLS",
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check outputs and gradients of the stages against the original model")
     common.add_argument("--seed", type=int, default=0, help="seed for weights and example inputs")
     common.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    _add_cost_flags(common)
 
     vision = families.add_parser("vision", parents=[common], help="a vision model from the zoo")
     vision.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(FAMILIES['vision'])}")
@@ -58,27 +60,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_cost_flags(parser: argparse.ArgumentParser) -> None:
+    profiling = parser.add_argument_group("profiling")
+    profiling.add_argument("--profile", choices=("flops", "measured"), default="flops",
+                           help="node costs from FLOPs and bytes on --device_spec (default), or measured on --device")
+    profiling.add_argument("--device", default="cpu", help="device to measure on: cpu, cuda, cuda:N (default cpu)")
+    profiling.add_argument("--device_spec", default="v100", choices=sorted(DEVICES),
+                           help="device description for --profile flops (default v100)")
+    profiling.add_argument("--no_recomputation", action="store_true",
+                           help="backward does not re-run the forward (default: it does)")
+    profiling.add_argument("--profiles_cache_name", default=None, help="file name of the measured-profile cache")
+    profiling.add_argument("--overwrite_profiles_cache", action="store_true", help="measure again even if cached")
+    profiling.add_argument("--save_memory_mode", action="store_true",
+                           help="keep the model on the host, move one node at a time to the device")
+    costs = parser.add_argument_group("cost model")
+    costs.add_argument("--bw", type=float, nargs="+", default=[12.0], metavar="GBPS",
+                       help="link bandwidth in GB/s; one per level with -n (default 12)")
+    costs.add_argument("-n", "--num_devices", type=int, nargs="+", default=None, metavar="N",
+                       help="hierarchical machine, innermost first: -n 8 2 --bw 300 25 is 2 servers of 8 GPUs")
+    costs.add_argument("--memory_limit", type=float, default=None, metavar="GB", help="memory per device in GB")
+    costs.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (default 4)")
+    costs.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule whose memory counts (default 1f1b)")
+    costs.add_argument("--optimizer", choices=sorted(OPTIMIZER_SLOTS), default="sgd",
+                       help="optimizer whose state counts in memory (default sgd)")
+    methods = parser.add_argument_group("methods")
+    methods.add_argument("--replication", action="store_true",
+                         help="pipedream: allow data-parallel replicas of a stage (-p is then the device count)")
+    methods.add_argument("--server_file", default=None, help="pipedream: heterogeneous devices, SparsePipe format")
+    methods.add_argument("--metis_attempts", type=int, default=10, help="metis: seeds to try (default 10)")
+    methods.add_argument("--metis_seed", type=int, default=None, help="metis: first seed (default --seed)")
+    output = parser.add_argument_group("analysis")
+    output.add_argument("--no_analysis", action="store_true", help="skip the analysis")
+    output.add_argument("--analysis_only", action="store_true", help="print the analysis, write no file")
+    output.add_argument("--dot", default=None, metavar="PATH",
+                        help="write a picture of the partitioned graph: PATH.dot (Graphviz) and PATH.svg")
+
+
+def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
+    """The number of stages asked for, and the partitioner's options, from the flags."""
+    levels: tuple[Level, ...] = ()
+    n_stages = args.n_partitions
+    if args.num_devices:
+        if len(args.bw) != len(args.num_devices):
+            raise UserError(f"-n names {len(args.num_devices)} levels, --bw gives {len(args.bw)} bandwidths")
+        levels = tuple(Level(count, bw) for count, bw in zip(args.num_devices, args.bw))
+        n_stages = math.prod(args.num_devices)
+    elif len(args.bw) != 1:
+        raise UserError("several --bw values need -n, one device count per level")
+    devices = ()
+    if args.server_file:
+        from autopipe.partitioning.pipedream import load_server_file
+
+        devices = load_server_file(args.server_file)
+    cost = CostModel(
+        bandwidth=args.bw[0],
+        memory_limit=args.memory_limit * 1e9 if args.memory_limit is not None else None,
+        schedule=args.schedule,
+        microbatches=args.microbatches,
+        optimizer_slots=OPTIMIZER_SLOTS[args.optimizer],
+        recomputation=not args.no_recomputation,
+    )
+    seed = args.metis_seed if args.metis_seed is not None and args.partitioning_method == "metis" else args.seed
+    return n_stages, PartitionOptions(
+        seed=seed, cost=cost, replication=args.replication, levels=levels, devices=devices,
+        metis_attempts=args.metis_attempts,
+    )
+
+
+def profile_settings(args: argparse.Namespace) -> ProfileSettings:
+    return ProfileSettings(
+        mode=args.profile, device=args.device, device_spec=args.device_spec,
+        recomputation=not args.no_recomputation, save_memory_mode=args.save_memory_mode,
+        cache_name=args.profiles_cache_name, overwrite_cache=args.overwrite_profiles_cache, progress=True,
+    )
+
+
 def load_task(args: argparse.Namespace) -> Task:
     if args.family == "custom":
         return custom_task(args.task, seed=args.seed)
     size = args.crop if args.family == "vision" else args.seq_len
     return zoo_task(args.family, args.model, args.batch_size, size, seed=args.seed)
-
-
-def summary(result: CompileResult) -> str:
-    """A table of what each stage holds and sends."""
-    rows = [f"{'stage':>5} {'nodes':>6} {'params (M)':>11} {'in (MB)':>9} {'out (MB)':>9}"]
-    counts = [0] * len(result.stages)
-    for node, stage in result.assignment.items():
-        if result.graph.nodes[node]["op"] not in ("placeholder", "get_attr"):
-            counts[stage] += 1
-    for index, (stage, spec) in enumerate(zip(result.stages, result.pipeline["stages"])):
-        params = sum(p.numel() for p in stage.parameters())
-        rows.append(
-            f"{index:>5} {counts[index]:>6} {params / 1e6:>11.3f} "
-            f"{spec['costs']['recv_bytes'] / _MB:>9.2f} {spec['costs']['send_bytes'] / _MB:>9.2f}"
-        )
-    return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,15 +148,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = "python -m autopipe.partition " + shlex.join(argv)
     try:
+        n_stages, options = partition_options(args)
         task = load_task(args)
         result = compile(
-            task.model, task.example_inputs, args.n_partitions, method=args.partitioning_method,
+            task.model, task.example_inputs, n_stages, method=args.partitioning_method,
             output=args.output, name=task.name, depth=args.depth, basic_blocks=args.basic_blocks,
-            seed=args.seed, command=command,
+            seed=args.seed, options=options, profiling=profile_settings(args),
+            analysis=not args.no_analysis, write=not args.analysis_only, command=command,
         )
-        print(summary(result))
-        print(f"wrote {result.path}")
-        if args.sanity_check:
+        if result.analysis is not None:
+            print(result.analysis.table())
+        if result.path is not None:
+            print(f"wrote {result.path}")
+        if args.dot:
+            written = write_pictures(result.graph, result.assignment, args.dot)
+            print(f"wrote {' and '.join(str(p) for p in written)}")
+        if args.sanity_check and result.path is not None:
             print(f"sanity check passed: {result.verify(seed=args.seed)}")
     except UserError as error:
         print(f"autopipe: error: {error}", file=sys.stderr)

@@ -54,6 +54,14 @@ def _receive(value: Any, spec: Mapping[str, Any]) -> Any:
     return received
 
 
+def _given(value: Any) -> Any:
+    """A model input as the first stage gets it: a fresh copy of what the user gave, not a value
+    received over the wire (its spec describes it as later stages get it, after any write)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().clone().requires_grad_(value.requires_grad)
+
+
 def _differs(found: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> float | None:
     """The largest difference if it is over tolerance, else None."""
     if found.shape != expected.shape:
@@ -110,7 +118,8 @@ def verify(
     received: list[list[Any]] = []
     produced: list[tuple[Any, ...]] = []
     for index, (stage, spec) in enumerate(zip(stages, pipeline["stages"])):
-        args = [_receive(values[name], spec["values"][name]) for name in spec["inputs"]]
+        args = [_receive(values[name], spec["values"][name]) if index else _given(values[name])
+                for name in spec["inputs"]]
         outputs = stage(*args)
         if len(outputs) != len(spec["outputs"]):
             raise VerificationError(f"stage {index} returned {len(outputs)} values, PIPELINE lists {len(spec['outputs'])}")

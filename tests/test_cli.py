@@ -69,3 +69,48 @@ def test_zoo_model_writes_the_default_file_name(tmp_path: Path, capsys, monkeypa
     assert code == 0
     assert (tmp_path / "generated_models" / "bert_tiny_s16_p2_params.py").is_file()
     assert "wrote generated_models/bert_tiny_s16_p2_params.py" in out
+
+
+def test_analysis_is_printed_and_embedded(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "vgg.py"
+    code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "-o", str(output),
+                         "--microbatches", "8"], capsys)
+    assert code == 0
+    assert "lower bound" in out and "1f1b with 8 microbatches" in out
+    docstring = output.read_text().split('"""')[1]
+    assert "Analysis (predicted)" in docstring and "gpipe with 8 microbatches" in docstring
+
+
+def test_analysis_only_writes_nothing_and_no_analysis_prints_none(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "--analysis_only"], capsys)
+    assert code == 0 and "lower bound" in out and "wrote" not in out
+    assert not (tmp_path / "generated_models").exists()
+    code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "--no_analysis"], capsys)
+    assert code == 0 and "lower bound" not in out
+    source = (tmp_path / "generated_models" / "vgg_tiny_c32_p2_params.py").read_text()
+    assert "Analysis (predicted)" not in source
+
+
+def test_dot_writes_graphviz_and_svg(tmp_path: Path, capsys) -> None:
+    code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "3", "-b", "2", "--analysis_only",
+                         "--dot", str(tmp_path / "picture")], capsys)
+    assert code == 0
+    dot = (tmp_path / "picture.dot").read_text()
+    assert dot.startswith("digraph partition") and "cluster_2" in dot and "label=" in dot
+    assert (tmp_path / "picture.svg").read_text().lstrip().startswith("<?xml")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--memory_limit", "0.0001"], "GB, the limit is 0.00 GB"),
+        (["--bw", "10", "20"], "several --bw values need -n"),
+        (["-n", "2", "2", "--bw", "10"], "-n names 2 levels, --bw gives 1"),
+        (["--microbatches", "0"], "--microbatches must be at least 1"),
+    ],
+)
+def test_cost_flag_mistakes_are_one_line(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
+    code, _, err = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "2", "--analysis_only", *argv], capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -18,11 +18,13 @@ from autopipe.graph import contract, placement_groups
 from autopipe.partitioning.base import DeviceGroup, Level, Method, PartitionOptions, Plan
 from autopipe.partitioning.params import partition_by_params
 
+DEFAULT_METHOD = "params"
+
 METHODS: dict[str, Method] = {
     "params": partition_by_params,
 }
 
-__all__ = ["METHODS", "DeviceGroup", "InvalidPartition", "Level", "Partition", "PartitionOptions", "Plan",
+__all__ = ["DEFAULT_METHOD", "METHODS", "DeviceGroup", "InvalidPartition", "Level", "Partition", "PartitionOptions", "Plan",
            "expand", "partition", "validate"]
 
 

@@ -1,0 +1,106 @@
+"""What a partition is expected to do: per-stage costs and the pipeline's predicted speed.
+
+Everything here is derived from ``autopipe.cost``: per-stage times and memory for one batch,
+and for the synchronous schedules (GPipe, 1F1B) the time per batch of m microbatches,
+(m - 1) * slowest + sum of all stages (fill, steady state, drain), with the stage times of
+one microbatch. Both schedules take the same time; they differ in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from autopipe.cost import CostModel, StageCost, stage_memory
+
+_MB = 1e6
+_GB = 1e9
+
+
+@dataclass(frozen=True)
+class ScheduleEstimate:
+    schedule: str
+    batch_ms: float
+    samples_per_s: float | None
+    speedup: float
+    peak_memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The predicted behaviour of one partition."""
+
+    costs: list[StageCost]
+    replicas: tuple[int, ...]
+    lower_bound_ms: float
+    single_device_ms: float
+    microbatches: int
+    batch_size: int | None
+    schedules: list[ScheduleEstimate]
+
+    @property
+    def slowest_ms(self) -> float:
+        return max(c.time_ms / r for c, r in zip(self.costs, self.replicas))
+
+    @property
+    def bound_ratio(self) -> float:
+        """The slowest stage over the lower bound max(total / p, costliest node); 1.0 is ideal."""
+        return self.slowest_ms / self.lower_bound_ms if self.lower_bound_ms > 0 else 1.0
+
+    def table(self) -> str:
+        """The analysis as plain text, for the terminal and the generated file's docstring."""
+        lines = [
+            f"{'stage':>5} {'fwd ms':>9} {'bwd ms':>9} {'params MB':>10} {'in MB':>8} {'out MB':>8} "
+            f"{'comm ms':>8} {'memory GB':>10}"
+            + (f" {'replicas':>8}" if any(r > 1 for r in self.replicas) else "")
+        ]
+        for index, (cost, replicas) in enumerate(zip(self.costs, self.replicas)):
+            lines.append(
+                f"{index:>5} {cost.forward_ms:>9.2f} {cost.backward_ms:>9.2f} {cost.param_bytes / _MB:>10.2f} "
+                f"{cost.input_bytes / _MB:>8.2f} {cost.send_bytes / _MB:>8.2f} {cost.comm_ms:>8.2f} "
+                f"{cost.memory_bytes / _GB:>10.3f}" + (f" {replicas:>8}" if any(r > 1 for r in self.replicas) else "")
+            )
+        lines.append(
+            f"slowest stage {self.slowest_ms:.2f} ms per batch, lower bound {self.lower_bound_ms:.2f} ms "
+            f"(ratio {self.bound_ratio:.3f}); one device {self.single_device_ms:.2f} ms"
+        )
+        for estimate in self.schedules:
+            rate = f", {estimate.samples_per_s:.1f} samples/s" if estimate.samples_per_s is not None else ""
+            lines.append(
+                f"{estimate.schedule} with {self.microbatches} microbatches: {estimate.batch_ms:.2f} ms per batch"
+                f"{rate}, {estimate.speedup:.2f}x one device, peak memory {estimate.peak_memory_bytes / _GB:.3f} GB"
+            )
+        return "\n".join(lines)
+
+
+def pipeline_ms(costs: list[StageCost], replicas: tuple[int, ...], microbatches: int) -> float:
+    """Time per batch of a synchronous pipeline: fill and drain plus m - 1 steady steps."""
+    per_microbatch = [c.time_ms / r / microbatches for c, r in zip(costs, replicas)]
+    return (microbatches - 1) * max(per_microbatch) + sum(per_microbatch)
+
+
+def analyse(
+    costs: list[StageCost],
+    replicas: tuple[int, ...],
+    lower_bound_ms: float,
+    model: CostModel,
+    batch_size: int | None,
+) -> Analysis:
+    """Predict per-stage costs and GPipe / 1F1B time, throughput, speedup and peak memory."""
+    single = sum(c.compute_ms for c in costs)
+    estimates = []
+    for schedule in ("gpipe", "1f1b"):
+        scheduled = replace(model, schedule=schedule)
+        n_stages = len(costs)
+        peak = max(
+            stage_memory(c.state_bytes, c.param_bytes, c.activation_bytes, c.input_bytes, s, n_stages, scheduled)
+            for s, c in enumerate(costs)
+        )
+        batch_ms = pipeline_ms(costs, replicas, model.microbatches)
+        estimates.append(ScheduleEstimate(
+            schedule=schedule,
+            batch_ms=batch_ms,
+            samples_per_s=batch_size / batch_ms * 1e3 if batch_size and batch_ms > 0 else None,
+            speedup=single / batch_ms if batch_ms > 0 else 1.0,
+            peak_memory_bytes=peak,
+        ))
+    return Analysis(costs, replicas, lower_bound_ms, single, model.microbatches, batch_size, estimates)
