@@ -16,12 +16,16 @@ from autopipe.cost import StageCost, check_memory, stage_costs
 from autopipe.errors import UserError
 from autopipe.graph import contract, placement_groups
 from autopipe.partitioning.base import DeviceGroup, Level, Method, PartitionOptions, Plan
+from autopipe.partitioning.acyclic import partition_acyclic
+from autopipe.partitioning.metis import partition_metis
 from autopipe.partitioning.params import partition_by_params
 
 DEFAULT_METHOD = "params"
 
 METHODS: dict[str, Method] = {
     "params": partition_by_params,
+    "metis": partition_metis,
+    "acyclic": partition_acyclic,
 }
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "DeviceGroup", "InvalidPartition", "Level", "Partition", "PartitionOptions", "Plan",
