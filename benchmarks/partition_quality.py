@@ -29,7 +29,7 @@ def _family(model: str) -> str:
     return next(family for family, models in FAMILIES.items() if model in models)
 
 
-def measure(model: str, mode: str, batch: int, stages: list[int], methods: list[str]) -> list[dict]:
+def measure(model: str, mode: str, batch: int, stages: list[int], methods: list[str], bandwidth: float) -> list[dict]:
     """One row per (p, method) for ``model`` profiled by ``mode``."""
     task = zoo_task(_family(model), model, batch)
     traced = trace(task.model, task.example_inputs)
@@ -38,7 +38,7 @@ def measure(model: str, mode: str, batch: int, stages: list[int], methods: list[
     rows = []
     for p in stages:
         for method in methods:
-            options = PartitionOptions(cost=CostModel())
+            options = PartitionOptions(cost=CostModel(bandwidth=bandwidth))
             start = time.perf_counter()
             result = partition(graph, traced.graph_module, p, method, options)
             seconds = time.perf_counter() - start
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("-b", "--batch_size", type=int, default=8)
     parser.add_argument("-p", "--stages", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
+    parser.add_argument("--bw", type=float, default=12.0, help="link bandwidth, GB/s (default 12)")
     args = parser.parse_args()
     modes = ["flops", "measured"] if args.profile == "both" else [args.profile]
     print(f"{'model':<24} {'profile':<9} {'p':>2} {'method':<10} {'slowest/bound':>13} {'comm MB':>9} "
@@ -64,7 +65,7 @@ def main() -> None:
     rows = []
     for mode in modes:
         for model in args.models:
-            for row in measure(model, mode, args.batch_size, args.stages, args.methods):
+            for row in measure(model, mode, args.batch_size, args.stages, args.methods, args.bw):
                 rows.append(row)
                 print(f"{row['model']:<24} {row['profile']:<9} {row['p']:>2} {row['method']:<10} "
                       f"{row['ratio']:>13.3f} {row['comm_mb']:>9.2f} {row['seconds']:>8.3f} {row['nodes']:>6}",

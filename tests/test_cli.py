@@ -67,8 +67,8 @@ def test_zoo_model_writes_the_default_file_name(tmp_path: Path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)
     code, out, _ = _run(["nlp", "--model", "bert_tiny", "-p", "2", "-b", "2", "--seq_len", "16"], capsys)
     assert code == 0
-    assert (tmp_path / "generated_models" / "bert_tiny_s16_p2_params.py").is_file()
-    assert "wrote generated_models/bert_tiny_s16_p2_params.py" in out
+    assert (tmp_path / "generated_models" / "bert_tiny_s16_p2_acyclic.py").is_file()
+    assert "wrote generated_models/bert_tiny_s16_p2_acyclic.py" in out
 
 
 def test_analysis_is_printed_and_embedded(tmp_path: Path, capsys) -> None:
@@ -88,7 +88,7 @@ def test_analysis_only_writes_nothing_and_no_analysis_prints_none(tmp_path: Path
     assert not (tmp_path / "generated_models").exists()
     code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "--no_analysis"], capsys)
     assert code == 0 and "lower bound" not in out
-    source = (tmp_path / "generated_models" / "vgg_tiny_c32_p2_params.py").read_text()
+    source = (tmp_path / "generated_models" / "vgg_tiny_c32_p2_acyclic.py").read_text()
     assert "Analysis (predicted)" not in source
 
 

@@ -30,8 +30,8 @@ class Skip(nn.Module):
         return y + first
 
 
-def _compile(tmp_path: Path, model: nn.Module, inputs, n_stages: int, name: str = "out.py"):
-    return autopipe.compile(model, inputs, n_stages, output=tmp_path / name)
+def _compile(tmp_path: Path, model: nn.Module, inputs, n_stages: int, name: str = "out.py", method: str = "acyclic"):
+    return autopipe.compile(model, inputs, n_stages, method=method, output=tmp_path / name)
 
 
 def test_same_inputs_give_the_same_bytes(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_fresh_stages_have_the_original_keys(tmp_path: Path) -> None:
 
 
 def test_pipeline_describes_how_stages_connect(tmp_path: Path) -> None:
-    result = _compile(tmp_path, Skip(), (torch.randn(4, 8),), 3)
+    result = _compile(tmp_path, Skip(), (torch.randn(4, 8),), 3, method="params")
     pipeline = result.pipeline
     stages = pipeline["stages"]
     assert stages[0]["inputs"] == pipeline["model_inputs"] == ["x"]

@@ -20,7 +20,7 @@ from autopipe.partitioning.acyclic import partition_acyclic
 from autopipe.partitioning.metis import partition_metis
 from autopipe.partitioning.params import partition_by_params
 
-DEFAULT_METHOD = "params"
+DEFAULT_METHOD = "acyclic"
 
 METHODS: dict[str, Method] = {
     "params": partition_by_params,

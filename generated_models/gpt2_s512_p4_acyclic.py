@@ -8,13 +8,13 @@ original model's weights; ``merge_state_dicts`` joins the stages' state dicts ba
 
 Analysis (predicted)
 stage    fwd ms    bwd ms  params MB    in MB   out MB  comm ms  memory GB
-    0      1.04      3.22     164.63     0.00    62.91    10.49      0.516
-    1     31.08     89.64     163.02    62.91    25.17     4.19      1.660
-    2     30.68     88.46     160.66    25.17    62.91    10.49      1.615
-    3     21.47     64.36     163.84    62.91     0.00     0.00      0.726
-slowest stage 129.63 ms per batch, lower bound 82.49 ms (ratio 1.571); one device 329.95 ms
-gpipe with 4 microbatches: 186.00 ms per batch, 43.0 samples/s, 1.77x one device, peak memory 1.675 GB
-1f1b with 4 microbatches: 186.00 ms per batch, 43.0 samples/s, 1.77x one device, peak memory 1.660 GB
+    0     21.36     61.81     270.94     0.00    25.17     4.19      1.572
+    1     21.34     61.60     113.41    25.17    25.17     4.19      1.114
+    2     21.41     61.79     113.41    25.17    12.58     2.10      1.114
+    3     20.17     60.49     154.40    12.58     0.00     0.00      0.675
+slowest stage 87.36 ms per batch, lower bound 82.49 ms (ratio 1.059); one device 329.95 ms
+gpipe with 4 microbatches: 150.63 ms per batch, 53.1 samples/s, 2.19x one device, peak memory 1.572 GB
+1f1b with 4 microbatches: 150.63 ms per batch, 53.1 samples/s, 2.19x one device, peak memory 1.572 GB
 """
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 
 class Stage0(nn.Module):
-    """Stage 0: from wte to h.0.attn.c_attn."""
+    """Stage 0: from wte to h.3.mlp.c_proj."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -35,40 +35,9 @@ class Stage0(nn.Module):
                 "0": nn.ModuleDict(
                     {
                         "ln_1": nn.LayerNorm(768),
-                        "attn": nn.ModuleDict({"c_attn": nn.Linear(768, 2304)}),
-                    }
-                )
-            }
-        )
-
-    def forward(self, input_ids) -> tuple:
-        size = input_ids.size(1)  # GPT2LMHeadModel
-        getattr_1 = input_ids.device  # GPT2LMHeadModel
-        arange = torch.arange(size, device=getattr_1)  # GPT2LMHeadModel
-        wte = self.wte(input_ids)  # wte
-        wpe = self.wpe(arange)  # wpe
-        add = wte + wpe  # GPT2LMHeadModel
-        drop = self.drop(add)  # drop
-        h_0_ln_1 = self.h["0"].ln_1(drop)  # h.0.ln_1
-        h_0_attn_c_attn = self.h["0"].attn.c_attn(h_0_ln_1)  # h.0.attn.c_attn
-        return (
-            drop,
-            h_0_ln_1,
-            h_0_attn_c_attn,
-        )
-
-
-class Stage1(nn.Module):
-    """Stage 1: from h.0.attn.attn_dropout to h.6.ln_1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.h = nn.ModuleDict(
-            {
-                "0": nn.ModuleDict(
-                    {
                         "attn": nn.ModuleDict(
                             {
+                                "c_attn": nn.Linear(768, 2304),
                                 "attn_dropout": nn.Dropout(p=0.1),
                                 "c_proj": nn.Linear(768, 768),
                                 "resid_dropout": nn.Dropout(p=0.1),
@@ -146,60 +115,23 @@ class Stage1(nn.Module):
                                 "c_fc": nn.Linear(768, 3072),
                                 "act": nn.GELU(approximate="tanh"),
                                 "c_proj": nn.Linear(3072, 768),
-                                "dropout": nn.Dropout(p=0.1),
                             }
                         ),
                     }
                 ),
-                "4": nn.ModuleDict(
-                    {
-                        "ln_1": nn.LayerNorm(768),
-                        "attn": nn.ModuleDict(
-                            {
-                                "c_attn": nn.Linear(768, 2304),
-                                "attn_dropout": nn.Dropout(p=0.1),
-                                "c_proj": nn.Linear(768, 768),
-                                "resid_dropout": nn.Dropout(p=0.1),
-                            }
-                        ),
-                        "ln_2": nn.LayerNorm(768),
-                        "mlp": nn.ModuleDict(
-                            {
-                                "c_fc": nn.Linear(768, 3072),
-                                "act": nn.GELU(approximate="tanh"),
-                                "c_proj": nn.Linear(3072, 768),
-                                "dropout": nn.Dropout(p=0.1),
-                            }
-                        ),
-                    }
-                ),
-                "5": nn.ModuleDict(
-                    {
-                        "ln_1": nn.LayerNorm(768),
-                        "attn": nn.ModuleDict(
-                            {
-                                "c_attn": nn.Linear(768, 2304),
-                                "attn_dropout": nn.Dropout(p=0.1),
-                                "c_proj": nn.Linear(768, 768),
-                                "resid_dropout": nn.Dropout(p=0.1),
-                            }
-                        ),
-                        "ln_2": nn.LayerNorm(768),
-                        "mlp": nn.ModuleDict(
-                            {
-                                "c_fc": nn.Linear(768, 3072),
-                                "act": nn.GELU(approximate="tanh"),
-                                "c_proj": nn.Linear(3072, 768),
-                                "dropout": nn.Dropout(p=0.1),
-                            }
-                        ),
-                    }
-                ),
-                "6": nn.ModuleDict({"ln_1": nn.LayerNorm(768)}),
             }
         )
 
-    def forward(self, drop, h_0_ln_1, h_0_attn_c_attn) -> tuple:
+    def forward(self, input_ids) -> tuple:
+        size = input_ids.size(1)  # GPT2LMHeadModel
+        getattr_1 = input_ids.device  # GPT2LMHeadModel
+        arange = torch.arange(size, device=getattr_1)  # GPT2LMHeadModel
+        wte = self.wte(input_ids)  # wte
+        wpe = self.wpe(arange)  # wpe
+        add = wte + wpe  # GPT2LMHeadModel
+        drop = self.drop(add)  # drop
+        h_0_ln_1 = self.h["0"].ln_1(drop)  # h.0.ln_1
+        h_0_attn_c_attn = self.h["0"].attn.c_attn(h_0_ln_1)  # h.0.attn.c_attn
         split = h_0_attn_c_attn.split(768, dim=-1)  # h.0.attn (GPT2Attention)
         getitem = split[0]  # h.0.attn (GPT2Attention)
         getitem_1 = split[1]  # h.0.attn (GPT2Attention)
@@ -348,6 +280,111 @@ class Stage1(nn.Module):
         h_3_mlp_c_fc = self.h["3"].mlp.c_fc(h_3_ln_2)  # h.3.mlp.c_fc
         h_3_mlp_act = self.h["3"].mlp.act(h_3_mlp_c_fc)  # h.3.mlp.act
         h_3_mlp_c_proj = self.h["3"].mlp.c_proj(h_3_mlp_act)  # h.3.mlp.c_proj
+        return (
+            add_7,
+            h_3_mlp_c_proj,
+        )
+
+
+class Stage1(nn.Module):
+    """Stage 1: from h.3.mlp.dropout to h.7.mlp.c_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = nn.ModuleDict(
+            {
+                "3": nn.ModuleDict({"mlp": nn.ModuleDict({"dropout": nn.Dropout(p=0.1)})}),
+                "4": nn.ModuleDict(
+                    {
+                        "ln_1": nn.LayerNorm(768),
+                        "attn": nn.ModuleDict(
+                            {
+                                "c_attn": nn.Linear(768, 2304),
+                                "attn_dropout": nn.Dropout(p=0.1),
+                                "c_proj": nn.Linear(768, 768),
+                                "resid_dropout": nn.Dropout(p=0.1),
+                            }
+                        ),
+                        "ln_2": nn.LayerNorm(768),
+                        "mlp": nn.ModuleDict(
+                            {
+                                "c_fc": nn.Linear(768, 3072),
+                                "act": nn.GELU(approximate="tanh"),
+                                "c_proj": nn.Linear(3072, 768),
+                                "dropout": nn.Dropout(p=0.1),
+                            }
+                        ),
+                    }
+                ),
+                "5": nn.ModuleDict(
+                    {
+                        "ln_1": nn.LayerNorm(768),
+                        "attn": nn.ModuleDict(
+                            {
+                                "c_attn": nn.Linear(768, 2304),
+                                "attn_dropout": nn.Dropout(p=0.1),
+                                "c_proj": nn.Linear(768, 768),
+                                "resid_dropout": nn.Dropout(p=0.1),
+                            }
+                        ),
+                        "ln_2": nn.LayerNorm(768),
+                        "mlp": nn.ModuleDict(
+                            {
+                                "c_fc": nn.Linear(768, 3072),
+                                "act": nn.GELU(approximate="tanh"),
+                                "c_proj": nn.Linear(3072, 768),
+                                "dropout": nn.Dropout(p=0.1),
+                            }
+                        ),
+                    }
+                ),
+                "6": nn.ModuleDict(
+                    {
+                        "ln_1": nn.LayerNorm(768),
+                        "attn": nn.ModuleDict(
+                            {
+                                "c_attn": nn.Linear(768, 2304),
+                                "attn_dropout": nn.Dropout(p=0.1),
+                                "c_proj": nn.Linear(768, 768),
+                                "resid_dropout": nn.Dropout(p=0.1),
+                            }
+                        ),
+                        "ln_2": nn.LayerNorm(768),
+                        "mlp": nn.ModuleDict(
+                            {
+                                "c_fc": nn.Linear(768, 3072),
+                                "act": nn.GELU(approximate="tanh"),
+                                "c_proj": nn.Linear(3072, 768),
+                                "dropout": nn.Dropout(p=0.1),
+                            }
+                        ),
+                    }
+                ),
+                "7": nn.ModuleDict(
+                    {
+                        "ln_1": nn.LayerNorm(768),
+                        "attn": nn.ModuleDict(
+                            {
+                                "c_attn": nn.Linear(768, 2304),
+                                "attn_dropout": nn.Dropout(p=0.1),
+                                "c_proj": nn.Linear(768, 768),
+                                "resid_dropout": nn.Dropout(p=0.1),
+                            }
+                        ),
+                        "ln_2": nn.LayerNorm(768),
+                        "mlp": nn.ModuleDict(
+                            {
+                                "c_fc": nn.Linear(768, 3072),
+                                "act": nn.GELU(approximate="tanh"),
+                                "c_proj": nn.Linear(3072, 768),
+                            }
+                        ),
+                    }
+                ),
+            }
+        )
+
+    def forward(self, add_7, h_3_mlp_c_proj) -> tuple:
         h_3_mlp_dropout = self.h["3"].mlp.dropout(h_3_mlp_c_proj)  # h.3.mlp.dropout
         add_8 = add_7 + h_3_mlp_dropout  # h.3 (GPT2Block)
         h_4_ln_1 = self.h["4"].ln_1(add_8)  # h.4.ln_1
@@ -427,62 +464,93 @@ class Stage1(nn.Module):
         h_5_mlp_dropout = self.h["5"].mlp.dropout(h_5_mlp_c_proj)  # h.5.mlp.dropout
         add_12 = add_11 + h_5_mlp_dropout  # h.5 (GPT2Block)
         h_6_ln_1 = self.h["6"].ln_1(add_12)  # h.6.ln_1
+        h_6_attn_c_attn = self.h["6"].attn.c_attn(h_6_ln_1)  # h.6.attn.c_attn
+        split_6 = h_6_attn_c_attn.split(768, dim=-1)  # h.6.attn (GPT2Attention)
+        getitem_30 = split_6[0]  # h.6.attn (GPT2Attention)
+        getitem_31 = split_6[1]  # h.6.attn (GPT2Attention)
+        getitem_32 = split_6[2]  # h.6.attn (GPT2Attention)
+        unflatten_18 = getitem_30.unflatten(-1, (12, -1))  # h.6.attn (GPT2Attention)
+        transpose_30 = unflatten_18.transpose(1, 2)  # h.6.attn (GPT2Attention)
+        unflatten_19 = getitem_31.unflatten(-1, (12, -1))  # h.6.attn (GPT2Attention)
+        transpose_31 = unflatten_19.transpose(1, 2)  # h.6.attn (GPT2Attention)
+        unflatten_20 = getitem_32.unflatten(-1, (12, -1))  # h.6.attn (GPT2Attention)
+        transpose_32 = unflatten_20.transpose(1, 2)  # h.6.attn (GPT2Attention)
+        size_7 = h_6_ln_1.size(1)  # h.6.attn (GPT2Attention)
+        getattr_8 = h_6_ln_1.device  # h.6.attn (GPT2Attention)
+        arange_7 = torch.arange(size_7, device=getattr_8)  # h.6.attn (GPT2Attention)
+        getitem_33 = arange_7[None, :]  # h.6.attn (GPT2Attention)
+        getitem_34 = arange_7[:, None]  # h.6.attn (GPT2Attention)
+        gt_6 = getitem_33 > getitem_34  # h.6.attn (GPT2Attention)
+        transpose_33 = transpose_31.transpose(-2, -1)  # h.6.attn (GPT2Attention)
+        matmul_12 = transpose_30 @ transpose_33  # h.6.attn (GPT2Attention)
+        mul_6 = matmul_12 * 0.125  # h.6.attn (GPT2Attention)
+        masked_fill_6 = mul_6.masked_fill(gt_6, float("-inf"))  # h.6.attn (GPT2Attention)
+        softmax_6 = masked_fill_6.softmax(dim=-1)  # h.6.attn (GPT2Attention)
+        h_6_attn_attn_dropout = self.h["6"].attn.attn_dropout(softmax_6)  # h.6.attn.attn_dropout
+        matmul_13 = h_6_attn_attn_dropout @ transpose_32  # h.6.attn (GPT2Attention)
+        transpose_34 = matmul_13.transpose(1, 2)  # h.6.attn (GPT2Attention)
+        flatten_6 = transpose_34.flatten(2)  # h.6.attn (GPT2Attention)
+        h_6_attn_c_proj = self.h["6"].attn.c_proj(flatten_6)  # h.6.attn.c_proj
+        h_6_attn_resid_dropout = self.h["6"].attn.resid_dropout(
+            h_6_attn_c_proj
+        )  # h.6.attn.resid_dropout
+        add_13 = add_12 + h_6_attn_resid_dropout  # h.6 (GPT2Block)
+        h_6_ln_2 = self.h["6"].ln_2(add_13)  # h.6.ln_2
+        h_6_mlp_c_fc = self.h["6"].mlp.c_fc(h_6_ln_2)  # h.6.mlp.c_fc
+        h_6_mlp_act = self.h["6"].mlp.act(h_6_mlp_c_fc)  # h.6.mlp.act
+        h_6_mlp_c_proj = self.h["6"].mlp.c_proj(h_6_mlp_act)  # h.6.mlp.c_proj
+        h_6_mlp_dropout = self.h["6"].mlp.dropout(h_6_mlp_c_proj)  # h.6.mlp.dropout
+        add_14 = add_13 + h_6_mlp_dropout  # h.6 (GPT2Block)
+        h_7_ln_1 = self.h["7"].ln_1(add_14)  # h.7.ln_1
+        h_7_attn_c_attn = self.h["7"].attn.c_attn(h_7_ln_1)  # h.7.attn.c_attn
+        split_7 = h_7_attn_c_attn.split(768, dim=-1)  # h.7.attn (GPT2Attention)
+        getitem_35 = split_7[0]  # h.7.attn (GPT2Attention)
+        getitem_36 = split_7[1]  # h.7.attn (GPT2Attention)
+        getitem_37 = split_7[2]  # h.7.attn (GPT2Attention)
+        unflatten_21 = getitem_35.unflatten(-1, (12, -1))  # h.7.attn (GPT2Attention)
+        transpose_35 = unflatten_21.transpose(1, 2)  # h.7.attn (GPT2Attention)
+        unflatten_22 = getitem_36.unflatten(-1, (12, -1))  # h.7.attn (GPT2Attention)
+        transpose_36 = unflatten_22.transpose(1, 2)  # h.7.attn (GPT2Attention)
+        unflatten_23 = getitem_37.unflatten(-1, (12, -1))  # h.7.attn (GPT2Attention)
+        transpose_37 = unflatten_23.transpose(1, 2)  # h.7.attn (GPT2Attention)
+        size_8 = h_7_ln_1.size(1)  # h.7.attn (GPT2Attention)
+        getattr_9 = h_7_ln_1.device  # h.7.attn (GPT2Attention)
+        arange_8 = torch.arange(size_8, device=getattr_9)  # h.7.attn (GPT2Attention)
+        getitem_38 = arange_8[None, :]  # h.7.attn (GPT2Attention)
+        getitem_39 = arange_8[:, None]  # h.7.attn (GPT2Attention)
+        gt_7 = getitem_38 > getitem_39  # h.7.attn (GPT2Attention)
+        transpose_38 = transpose_36.transpose(-2, -1)  # h.7.attn (GPT2Attention)
+        matmul_14 = transpose_35 @ transpose_38  # h.7.attn (GPT2Attention)
+        mul_7 = matmul_14 * 0.125  # h.7.attn (GPT2Attention)
+        masked_fill_7 = mul_7.masked_fill(gt_7, float("-inf"))  # h.7.attn (GPT2Attention)
+        softmax_7 = masked_fill_7.softmax(dim=-1)  # h.7.attn (GPT2Attention)
+        h_7_attn_attn_dropout = self.h["7"].attn.attn_dropout(softmax_7)  # h.7.attn.attn_dropout
+        matmul_15 = h_7_attn_attn_dropout @ transpose_37  # h.7.attn (GPT2Attention)
+        transpose_39 = matmul_15.transpose(1, 2)  # h.7.attn (GPT2Attention)
+        flatten_7 = transpose_39.flatten(2)  # h.7.attn (GPT2Attention)
+        h_7_attn_c_proj = self.h["7"].attn.c_proj(flatten_7)  # h.7.attn.c_proj
+        h_7_attn_resid_dropout = self.h["7"].attn.resid_dropout(
+            h_7_attn_c_proj
+        )  # h.7.attn.resid_dropout
+        add_15 = add_14 + h_7_attn_resid_dropout  # h.7 (GPT2Block)
+        h_7_ln_2 = self.h["7"].ln_2(add_15)  # h.7.ln_2
+        h_7_mlp_c_fc = self.h["7"].mlp.c_fc(h_7_ln_2)  # h.7.mlp.c_fc
+        h_7_mlp_act = self.h["7"].mlp.act(h_7_mlp_c_fc)  # h.7.mlp.act
+        h_7_mlp_c_proj = self.h["7"].mlp.c_proj(h_7_mlp_act)  # h.7.mlp.c_proj
         return (
-            add_12,
-            h_6_ln_1,
+            add_15,
+            h_7_mlp_c_proj,
         )
 
 
 class Stage2(nn.Module):
-    """Stage 2: from h.6.attn.c_attn to h.11.mlp.act."""
+    """Stage 2: from h.7.mlp.dropout to h.11.mlp.dropout."""
 
     def __init__(self) -> None:
         super().__init__()
         self.h = nn.ModuleDict(
             {
-                "6": nn.ModuleDict(
-                    {
-                        "attn": nn.ModuleDict(
-                            {
-                                "c_attn": nn.Linear(768, 2304),
-                                "attn_dropout": nn.Dropout(p=0.1),
-                                "c_proj": nn.Linear(768, 768),
-                                "resid_dropout": nn.Dropout(p=0.1),
-                            }
-                        ),
-                        "ln_2": nn.LayerNorm(768),
-                        "mlp": nn.ModuleDict(
-                            {
-                                "c_fc": nn.Linear(768, 3072),
-                                "act": nn.GELU(approximate="tanh"),
-                                "c_proj": nn.Linear(3072, 768),
-                                "dropout": nn.Dropout(p=0.1),
-                            }
-                        ),
-                    }
-                ),
-                "7": nn.ModuleDict(
-                    {
-                        "ln_1": nn.LayerNorm(768),
-                        "attn": nn.ModuleDict(
-                            {
-                                "c_attn": nn.Linear(768, 2304),
-                                "attn_dropout": nn.Dropout(p=0.1),
-                                "c_proj": nn.Linear(768, 768),
-                                "resid_dropout": nn.Dropout(p=0.1),
-                            }
-                        ),
-                        "ln_2": nn.LayerNorm(768),
-                        "mlp": nn.ModuleDict(
-                            {
-                                "c_fc": nn.Linear(768, 3072),
-                                "act": nn.GELU(approximate="tanh"),
-                                "c_proj": nn.Linear(3072, 768),
-                                "dropout": nn.Dropout(p=0.1),
-                            }
-                        ),
-                    }
-                ),
+                "7": nn.ModuleDict({"mlp": nn.ModuleDict({"dropout": nn.Dropout(p=0.1)})}),
                 "8": nn.ModuleDict(
                     {
                         "ln_1": nn.LayerNorm(768),
@@ -562,87 +630,19 @@ class Stage2(nn.Module):
                         ),
                         "ln_2": nn.LayerNorm(768),
                         "mlp": nn.ModuleDict(
-                            {"c_fc": nn.Linear(768, 3072), "act": nn.GELU(approximate="tanh")}
+                            {
+                                "c_fc": nn.Linear(768, 3072),
+                                "act": nn.GELU(approximate="tanh"),
+                                "c_proj": nn.Linear(3072, 768),
+                                "dropout": nn.Dropout(p=0.1),
+                            }
                         ),
                     }
                 ),
             }
         )
 
-    def forward(self, add_12, h_6_ln_1) -> tuple:
-        h_6_attn_c_attn = self.h["6"].attn.c_attn(h_6_ln_1)  # h.6.attn.c_attn
-        split_6 = h_6_attn_c_attn.split(768, dim=-1)  # h.6.attn (GPT2Attention)
-        getitem_30 = split_6[0]  # h.6.attn (GPT2Attention)
-        getitem_31 = split_6[1]  # h.6.attn (GPT2Attention)
-        getitem_32 = split_6[2]  # h.6.attn (GPT2Attention)
-        unflatten_18 = getitem_30.unflatten(-1, (12, -1))  # h.6.attn (GPT2Attention)
-        transpose_30 = unflatten_18.transpose(1, 2)  # h.6.attn (GPT2Attention)
-        unflatten_19 = getitem_31.unflatten(-1, (12, -1))  # h.6.attn (GPT2Attention)
-        transpose_31 = unflatten_19.transpose(1, 2)  # h.6.attn (GPT2Attention)
-        unflatten_20 = getitem_32.unflatten(-1, (12, -1))  # h.6.attn (GPT2Attention)
-        transpose_32 = unflatten_20.transpose(1, 2)  # h.6.attn (GPT2Attention)
-        size_7 = h_6_ln_1.size(1)  # h.6.attn (GPT2Attention)
-        getattr_8 = h_6_ln_1.device  # h.6.attn (GPT2Attention)
-        arange_7 = torch.arange(size_7, device=getattr_8)  # h.6.attn (GPT2Attention)
-        getitem_33 = arange_7[None, :]  # h.6.attn (GPT2Attention)
-        getitem_34 = arange_7[:, None]  # h.6.attn (GPT2Attention)
-        gt_6 = getitem_33 > getitem_34  # h.6.attn (GPT2Attention)
-        transpose_33 = transpose_31.transpose(-2, -1)  # h.6.attn (GPT2Attention)
-        matmul_12 = transpose_30 @ transpose_33  # h.6.attn (GPT2Attention)
-        mul_6 = matmul_12 * 0.125  # h.6.attn (GPT2Attention)
-        masked_fill_6 = mul_6.masked_fill(gt_6, float("-inf"))  # h.6.attn (GPT2Attention)
-        softmax_6 = masked_fill_6.softmax(dim=-1)  # h.6.attn (GPT2Attention)
-        h_6_attn_attn_dropout = self.h["6"].attn.attn_dropout(softmax_6)  # h.6.attn.attn_dropout
-        matmul_13 = h_6_attn_attn_dropout @ transpose_32  # h.6.attn (GPT2Attention)
-        transpose_34 = matmul_13.transpose(1, 2)  # h.6.attn (GPT2Attention)
-        flatten_6 = transpose_34.flatten(2)  # h.6.attn (GPT2Attention)
-        h_6_attn_c_proj = self.h["6"].attn.c_proj(flatten_6)  # h.6.attn.c_proj
-        h_6_attn_resid_dropout = self.h["6"].attn.resid_dropout(
-            h_6_attn_c_proj
-        )  # h.6.attn.resid_dropout
-        add_13 = add_12 + h_6_attn_resid_dropout  # h.6 (GPT2Block)
-        h_6_ln_2 = self.h["6"].ln_2(add_13)  # h.6.ln_2
-        h_6_mlp_c_fc = self.h["6"].mlp.c_fc(h_6_ln_2)  # h.6.mlp.c_fc
-        h_6_mlp_act = self.h["6"].mlp.act(h_6_mlp_c_fc)  # h.6.mlp.act
-        h_6_mlp_c_proj = self.h["6"].mlp.c_proj(h_6_mlp_act)  # h.6.mlp.c_proj
-        h_6_mlp_dropout = self.h["6"].mlp.dropout(h_6_mlp_c_proj)  # h.6.mlp.dropout
-        add_14 = add_13 + h_6_mlp_dropout  # h.6 (GPT2Block)
-        h_7_ln_1 = self.h["7"].ln_1(add_14)  # h.7.ln_1
-        h_7_attn_c_attn = self.h["7"].attn.c_attn(h_7_ln_1)  # h.7.attn.c_attn
-        split_7 = h_7_attn_c_attn.split(768, dim=-1)  # h.7.attn (GPT2Attention)
-        getitem_35 = split_7[0]  # h.7.attn (GPT2Attention)
-        getitem_36 = split_7[1]  # h.7.attn (GPT2Attention)
-        getitem_37 = split_7[2]  # h.7.attn (GPT2Attention)
-        unflatten_21 = getitem_35.unflatten(-1, (12, -1))  # h.7.attn (GPT2Attention)
-        transpose_35 = unflatten_21.transpose(1, 2)  # h.7.attn (GPT2Attention)
-        unflatten_22 = getitem_36.unflatten(-1, (12, -1))  # h.7.attn (GPT2Attention)
-        transpose_36 = unflatten_22.transpose(1, 2)  # h.7.attn (GPT2Attention)
-        unflatten_23 = getitem_37.unflatten(-1, (12, -1))  # h.7.attn (GPT2Attention)
-        transpose_37 = unflatten_23.transpose(1, 2)  # h.7.attn (GPT2Attention)
-        size_8 = h_7_ln_1.size(1)  # h.7.attn (GPT2Attention)
-        getattr_9 = h_7_ln_1.device  # h.7.attn (GPT2Attention)
-        arange_8 = torch.arange(size_8, device=getattr_9)  # h.7.attn (GPT2Attention)
-        getitem_38 = arange_8[None, :]  # h.7.attn (GPT2Attention)
-        getitem_39 = arange_8[:, None]  # h.7.attn (GPT2Attention)
-        gt_7 = getitem_38 > getitem_39  # h.7.attn (GPT2Attention)
-        transpose_38 = transpose_36.transpose(-2, -1)  # h.7.attn (GPT2Attention)
-        matmul_14 = transpose_35 @ transpose_38  # h.7.attn (GPT2Attention)
-        mul_7 = matmul_14 * 0.125  # h.7.attn (GPT2Attention)
-        masked_fill_7 = mul_7.masked_fill(gt_7, float("-inf"))  # h.7.attn (GPT2Attention)
-        softmax_7 = masked_fill_7.softmax(dim=-1)  # h.7.attn (GPT2Attention)
-        h_7_attn_attn_dropout = self.h["7"].attn.attn_dropout(softmax_7)  # h.7.attn.attn_dropout
-        matmul_15 = h_7_attn_attn_dropout @ transpose_37  # h.7.attn (GPT2Attention)
-        transpose_39 = matmul_15.transpose(1, 2)  # h.7.attn (GPT2Attention)
-        flatten_7 = transpose_39.flatten(2)  # h.7.attn (GPT2Attention)
-        h_7_attn_c_proj = self.h["7"].attn.c_proj(flatten_7)  # h.7.attn.c_proj
-        h_7_attn_resid_dropout = self.h["7"].attn.resid_dropout(
-            h_7_attn_c_proj
-        )  # h.7.attn.resid_dropout
-        add_15 = add_14 + h_7_attn_resid_dropout  # h.7 (GPT2Block)
-        h_7_ln_2 = self.h["7"].ln_2(add_15)  # h.7.ln_2
-        h_7_mlp_c_fc = self.h["7"].mlp.c_fc(h_7_ln_2)  # h.7.mlp.c_fc
-        h_7_mlp_act = self.h["7"].mlp.act(h_7_mlp_c_fc)  # h.7.mlp.act
-        h_7_mlp_c_proj = self.h["7"].mlp.c_proj(h_7_mlp_act)  # h.7.mlp.c_proj
+    def forward(self, add_15, h_7_mlp_c_proj) -> tuple:
         h_7_mlp_dropout = self.h["7"].mlp.dropout(h_7_mlp_c_proj)  # h.7.mlp.dropout
         add_16 = add_15 + h_7_mlp_dropout  # h.7 (GPT2Block)
         h_8_ln_1 = self.h["8"].ln_1(add_16)  # h.8.ln_1
@@ -798,35 +798,21 @@ class Stage2(nn.Module):
         h_11_ln_2 = self.h["11"].ln_2(add_23)  # h.11.ln_2
         h_11_mlp_c_fc = self.h["11"].mlp.c_fc(h_11_ln_2)  # h.11.mlp.c_fc
         h_11_mlp_act = self.h["11"].mlp.act(h_11_mlp_c_fc)  # h.11.mlp.act
-        return (
-            add_23,
-            h_11_mlp_act,
-        )
-
-
-class Stage3(nn.Module):
-    """Stage 3: from h.11.mlp.c_proj to lm_head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.h = nn.ModuleDict(
-            {
-                "11": nn.ModuleDict(
-                    {
-                        "mlp": nn.ModuleDict(
-                            {"c_proj": nn.Linear(3072, 768), "dropout": nn.Dropout(p=0.1)}
-                        )
-                    }
-                )
-            }
-        )
-        self.ln_f = nn.LayerNorm(768)
-        self.lm_head = nn.Linear(768, 50257, bias=False)
-
-    def forward(self, add_23, h_11_mlp_act) -> tuple:
         h_11_mlp_c_proj = self.h["11"].mlp.c_proj(h_11_mlp_act)  # h.11.mlp.c_proj
         h_11_mlp_dropout = self.h["11"].mlp.dropout(h_11_mlp_c_proj)  # h.11.mlp.dropout
         add_24 = add_23 + h_11_mlp_dropout  # h.11 (GPT2Block)
+        return (add_24,)
+
+
+class Stage3(nn.Module):
+    """Stage 3: from ln_f to lm_head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_f = nn.LayerNorm(768)
+        self.lm_head = nn.Linear(768, 50257, bias=False)
+
+    def forward(self, add_24) -> tuple:
         ln_f = self.ln_f(add_24)  # ln_f
         lm_head = self.lm_head(ln_f)  # lm_head
         return (lm_head,)
@@ -834,7 +820,7 @@ class Stage3(nn.Module):
 
 PIPELINE = {
     "model": "gpt2_s512",
-    "method": "params",
+    "method": "acyclic",
     "batch_size": 8,
     "model_inputs": ["input_ids"],
     "model_outputs": ["lm_head"],
@@ -843,7 +829,7 @@ PIPELINE = {
     "stages": [
         {
             "inputs": ["input_ids"],
-            "outputs": ["drop", "h_0_ln_1", "h_0_attn_c_attn"],
+            "outputs": ["add_7", "h_3_mlp_c_proj"],
             "values": {
                 "input_ids": {
                     "shape": [8, 512],
@@ -853,7 +839,7 @@ PIPELINE = {
                     "producer": None,
                     "consumers": [0],
                 },
-                "drop": {
+                "add_7": {
                     "shape": [8, 512, 768],
                     "dtype": "float32",
                     "requires_grad": True,
@@ -861,16 +847,8 @@ PIPELINE = {
                     "producer": 0,
                     "consumers": [1],
                 },
-                "h_0_ln_1": {
+                "h_3_mlp_c_proj": {
                     "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "h_0_attn_c_attn": {
-                    "shape": [8, 512, 2304],
                     "dtype": "float32",
                     "requires_grad": True,
                     "batch_dim": 0,
@@ -885,65 +863,6 @@ PIPELINE = {
                 "h.0.ln_1.bias",
                 "h.0.attn.c_attn.weight",
                 "h.0.attn.c_attn.bias",
-            ],
-            "buffers": [],
-            "replicas": 1,
-            "costs": {
-                "forward_ms": 1.0404,
-                "backward_ms": 3.2229,
-                "comm_ms": 10.4858,
-                "param_bytes": 164628480,
-                "send_bytes": 62914560,
-                "recv_bytes": 0,
-                "memory_bytes": 516299776,
-            },
-        },
-        {
-            "inputs": ["drop", "h_0_ln_1", "h_0_attn_c_attn"],
-            "outputs": ["add_12", "h_6_ln_1"],
-            "values": {
-                "drop": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "h_0_ln_1": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "h_0_attn_c_attn": {
-                    "shape": [8, 512, 2304],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "add_12": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-                "h_6_ln_1": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-            },
-            "parameters": [
                 "h.0.attn.c_proj.weight",
                 "h.0.attn.c_proj.bias",
                 "h.0.ln_2.weight",
@@ -988,6 +907,57 @@ PIPELINE = {
                 "h.3.mlp.c_fc.bias",
                 "h.3.mlp.c_proj.weight",
                 "h.3.mlp.c_proj.bias",
+            ],
+            "buffers": [],
+            "replicas": 1,
+            "costs": {
+                "forward_ms": 21.3569,
+                "backward_ms": 61.8059,
+                "comm_ms": 4.1943,
+                "param_bytes": 270941184,
+                "send_bytes": 25165824,
+                "recv_bytes": 0,
+                "memory_bytes": 1571604480,
+            },
+        },
+        {
+            "inputs": ["add_7", "h_3_mlp_c_proj"],
+            "outputs": ["add_15", "h_7_mlp_c_proj"],
+            "values": {
+                "add_7": {
+                    "shape": [8, 512, 768],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 0,
+                    "consumers": [1],
+                },
+                "h_3_mlp_c_proj": {
+                    "shape": [8, 512, 768],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 0,
+                    "consumers": [1],
+                },
+                "add_15": {
+                    "shape": [8, 512, 768],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 1,
+                    "consumers": [2],
+                },
+                "h_7_mlp_c_proj": {
+                    "shape": [8, 512, 768],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 1,
+                    "consumers": [2],
+                },
+            },
+            "parameters": [
                 "h.4.ln_1.weight",
                 "h.4.ln_1.bias",
                 "h.4.attn.c_attn.weight",
@@ -1014,57 +984,6 @@ PIPELINE = {
                 "h.5.mlp.c_proj.bias",
                 "h.6.ln_1.weight",
                 "h.6.ln_1.bias",
-            ],
-            "buffers": [],
-            "replicas": 1,
-            "costs": {
-                "forward_ms": 31.0832,
-                "backward_ms": 89.637,
-                "comm_ms": 4.1943,
-                "param_bytes": 163021824,
-                "send_bytes": 25165824,
-                "recv_bytes": 62914560,
-                "memory_bytes": 1659675648,
-            },
-        },
-        {
-            "inputs": ["add_12", "h_6_ln_1"],
-            "outputs": ["add_23", "h_11_mlp_act"],
-            "values": {
-                "add_12": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-                "h_6_ln_1": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-                "add_23": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 2,
-                    "consumers": [3],
-                },
-                "h_11_mlp_act": {
-                    "shape": [8, 512, 3072],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 2,
-                    "consumers": [3],
-                },
-            },
-            "parameters": [
                 "h.6.attn.c_attn.weight",
                 "h.6.attn.c_attn.bias",
                 "h.6.attn.c_proj.weight",
@@ -1087,6 +1006,49 @@ PIPELINE = {
                 "h.7.mlp.c_fc.bias",
                 "h.7.mlp.c_proj.weight",
                 "h.7.mlp.c_proj.bias",
+            ],
+            "buffers": [],
+            "replicas": 1,
+            "costs": {
+                "forward_ms": 21.3376,
+                "backward_ms": 61.6046,
+                "comm_ms": 4.1943,
+                "param_bytes": 113405952,
+                "send_bytes": 25165824,
+                "recv_bytes": 25165824,
+                "memory_bytes": 1114333184,
+            },
+        },
+        {
+            "inputs": ["add_15", "h_7_mlp_c_proj"],
+            "outputs": ["add_24"],
+            "values": {
+                "add_15": {
+                    "shape": [8, 512, 768],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 1,
+                    "consumers": [2],
+                },
+                "h_7_mlp_c_proj": {
+                    "shape": [8, 512, 768],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 1,
+                    "consumers": [2],
+                },
+                "add_24": {
+                    "shape": [8, 512, 768],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 2,
+                    "consumers": [3],
+                },
+            },
+            "parameters": [
                 "h.8.ln_1.weight",
                 "h.8.ln_1.bias",
                 "h.8.attn.c_attn.weight",
@@ -1133,33 +1095,27 @@ PIPELINE = {
                 "h.11.ln_2.bias",
                 "h.11.mlp.c_fc.weight",
                 "h.11.mlp.c_fc.bias",
+                "h.11.mlp.c_proj.weight",
+                "h.11.mlp.c_proj.bias",
             ],
             "buffers": [],
             "replicas": 1,
             "costs": {
-                "forward_ms": 30.6776,
-                "backward_ms": 88.4621,
-                "comm_ms": 10.4858,
-                "param_bytes": 160662528,
-                "send_bytes": 62914560,
+                "forward_ms": 21.4075,
+                "backward_ms": 61.7863,
+                "comm_ms": 2.0972,
+                "param_bytes": 113405952,
+                "send_bytes": 12582912,
                 "recv_bytes": 25165824,
-                "memory_bytes": 1614849024,
+                "memory_bytes": 1114333184,
             },
         },
         {
-            "inputs": ["add_23", "h_11_mlp_act"],
+            "inputs": ["add_24"],
             "outputs": ["lm_head"],
             "values": {
-                "add_23": {
+                "add_24": {
                     "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 2,
-                    "consumers": [3],
-                },
-                "h_11_mlp_act": {
-                    "shape": [8, 512, 3072],
                     "dtype": "float32",
                     "requires_grad": True,
                     "batch_dim": 0,
@@ -1175,23 +1131,17 @@ PIPELINE = {
                     "consumers": [],
                 },
             },
-            "parameters": [
-                "h.11.mlp.c_proj.weight",
-                "h.11.mlp.c_proj.bias",
-                "ln_f.weight",
-                "ln_f.bias",
-                "lm_head.weight",
-            ],
+            "parameters": ["ln_f.weight", "ln_f.bias", "lm_head.weight"],
             "buffers": [],
             "replicas": 1,
             "costs": {
-                "forward_ms": 21.4684,
-                "backward_ms": 64.3632,
+                "forward_ms": 20.1674,
+                "backward_ms": 60.4883,
                 "comm_ms": 0.0,
-                "param_bytes": 163835904,
+                "param_bytes": 154395648,
                 "send_bytes": 0,
-                "recv_bytes": 62914560,
-                "memory_bytes": 725671936,
+                "recv_bytes": 12582912,
+                "memory_bytes": 675331072,
             },
         },
     ],

@@ -8,13 +8,13 @@ original model's weights; ``merge_state_dicts`` joins the stages' state dicts ba
 
 Analysis (predicted)
 stage    fwd ms    bwd ms  params MB    in MB   out MB  comm ms  memory GB
-    0    132.16    389.37      42.64     0.00    83.89    13.98      2.269
-    1     23.69     70.78      44.25    83.89    83.89    13.98      0.290
-    2     16.32     48.54      29.51    83.89    83.89    13.98      0.246
-    3     16.04     47.85      29.76    83.89     0.00     0.00      0.194
-slowest stage 535.51 ms per batch, lower bound 186.19 ms (ratio 2.876); one device 744.75 ms
-gpipe with 4 microbatches: 598.31 ms per batch, 427.9 samples/s, 1.24x one device, peak memory 2.269 GB
-1f1b with 4 microbatches: 598.31 ms per batch, 427.9 samples/s, 1.24x one device, peak memory 2.269 GB
+    0     46.07    134.97       4.72     0.00   167.77    27.96      0.991
+    1     47.96    141.47      14.96   167.77    83.89    13.98      0.905
+    2     45.96    136.39      37.70    83.89    41.94     6.99      0.606
+    3     48.22    143.72      88.77    41.94     0.00     0.00      0.550
+slowest stage 209.00 ms per batch, lower bound 186.19 ms (ratio 1.122); one device 744.75 ms
+gpipe with 4 microbatches: 355.17 ms per batch, 720.8 samples/s, 2.10x one device, peak memory 0.991 GB
+1f1b with 4 microbatches: 355.17 ms per batch, 720.8 samples/s, 2.10x one device, peak memory 0.991 GB
 """
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 
 class Stage0(nn.Module):
-    """Stage 0: from conv1 to layer3.0.dropout."""
+    """Stage 0: from conv1 to layer1.2.conv2."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +64,46 @@ class Stage0(nn.Module):
                         "conv2": nn.Conv2d(160, 160, 3, padding=1, bias=False),
                     }
                 ),
+            }
+        )
+
+    def forward(self, x) -> tuple:
+        conv1 = self.conv1(x)  # conv1
+        layer1_0_bn1 = self.layer1["0"].bn1(conv1)  # layer1.0.bn1
+        layer1_0_relu1 = self.layer1["0"].relu1(layer1_0_bn1)  # layer1.0.relu1
+        layer1_0_shortcut = self.layer1["0"].shortcut(layer1_0_relu1)  # layer1.0.shortcut
+        layer1_0_conv1 = self.layer1["0"].conv1(layer1_0_relu1)  # layer1.0.conv1
+        layer1_0_bn2 = self.layer1["0"].bn2(layer1_0_conv1)  # layer1.0.bn2
+        layer1_0_relu2 = self.layer1["0"].relu2(layer1_0_bn2)  # layer1.0.relu2
+        layer1_0_dropout = self.layer1["0"].dropout(layer1_0_relu2)  # layer1.0.dropout
+        layer1_0_conv2 = self.layer1["0"].conv2(layer1_0_dropout)  # layer1.0.conv2
+        add = layer1_0_conv2 + layer1_0_shortcut  # layer1.0 (WideBasicBlock)
+        layer1_1_bn1 = self.layer1["1"].bn1(add)  # layer1.1.bn1
+        layer1_1_relu1 = self.layer1["1"].relu1(layer1_1_bn1)  # layer1.1.relu1
+        layer1_1_conv1 = self.layer1["1"].conv1(layer1_1_relu1)  # layer1.1.conv1
+        layer1_1_bn2 = self.layer1["1"].bn2(layer1_1_conv1)  # layer1.1.bn2
+        layer1_1_relu2 = self.layer1["1"].relu2(layer1_1_bn2)  # layer1.1.relu2
+        layer1_1_dropout = self.layer1["1"].dropout(layer1_1_relu2)  # layer1.1.dropout
+        layer1_1_conv2 = self.layer1["1"].conv2(layer1_1_dropout)  # layer1.1.conv2
+        add_1 = layer1_1_conv2 + add  # layer1.1 (WideBasicBlock)
+        layer1_2_bn1 = self.layer1["2"].bn1(add_1)  # layer1.2.bn1
+        layer1_2_relu1 = self.layer1["2"].relu1(layer1_2_bn1)  # layer1.2.relu1
+        layer1_2_conv1 = self.layer1["2"].conv1(layer1_2_relu1)  # layer1.2.conv1
+        layer1_2_bn2 = self.layer1["2"].bn2(layer1_2_conv1)  # layer1.2.bn2
+        layer1_2_relu2 = self.layer1["2"].relu2(layer1_2_bn2)  # layer1.2.relu2
+        layer1_2_dropout = self.layer1["2"].dropout(layer1_2_relu2)  # layer1.2.dropout
+        layer1_2_conv2 = self.layer1["2"].conv2(layer1_2_dropout)  # layer1.2.conv2
+        add_2 = layer1_2_conv2 + add_1  # layer1.2 (WideBasicBlock)
+        return (add_2,)
+
+
+class Stage1(nn.Module):
+    """Stage 1: from layer1.3.bn1 to layer2.1.conv2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.ModuleDict(
+            {
                 "3": nn.ModuleDict(
                     {
                         "bn1": nn.GroupNorm(32, 160),
@@ -74,7 +114,7 @@ class Stage0(nn.Module):
                         "dropout": nn.Dropout(p=0.3),
                         "conv2": nn.Conv2d(160, 160, 3, padding=1, bias=False),
                     }
-                ),
+                )
             }
         )
         self.layer2 = nn.ModuleDict(
@@ -102,6 +142,45 @@ class Stage0(nn.Module):
                         "conv2": nn.Conv2d(320, 320, 3, padding=1, bias=False),
                     }
                 ),
+            }
+        )
+
+    def forward(self, add_2) -> tuple:
+        layer1_3_bn1 = self.layer1["3"].bn1(add_2)  # layer1.3.bn1
+        layer1_3_relu1 = self.layer1["3"].relu1(layer1_3_bn1)  # layer1.3.relu1
+        layer1_3_conv1 = self.layer1["3"].conv1(layer1_3_relu1)  # layer1.3.conv1
+        layer1_3_bn2 = self.layer1["3"].bn2(layer1_3_conv1)  # layer1.3.bn2
+        layer1_3_relu2 = self.layer1["3"].relu2(layer1_3_bn2)  # layer1.3.relu2
+        layer1_3_dropout = self.layer1["3"].dropout(layer1_3_relu2)  # layer1.3.dropout
+        layer1_3_conv2 = self.layer1["3"].conv2(layer1_3_dropout)  # layer1.3.conv2
+        add_3 = layer1_3_conv2 + add_2  # layer1.3 (WideBasicBlock)
+        layer2_0_bn1 = self.layer2["0"].bn1(add_3)  # layer2.0.bn1
+        layer2_0_relu1 = self.layer2["0"].relu1(layer2_0_bn1)  # layer2.0.relu1
+        layer2_0_shortcut = self.layer2["0"].shortcut(layer2_0_relu1)  # layer2.0.shortcut
+        layer2_0_conv1 = self.layer2["0"].conv1(layer2_0_relu1)  # layer2.0.conv1
+        layer2_0_bn2 = self.layer2["0"].bn2(layer2_0_conv1)  # layer2.0.bn2
+        layer2_0_relu2 = self.layer2["0"].relu2(layer2_0_bn2)  # layer2.0.relu2
+        layer2_0_dropout = self.layer2["0"].dropout(layer2_0_relu2)  # layer2.0.dropout
+        layer2_0_conv2 = self.layer2["0"].conv2(layer2_0_dropout)  # layer2.0.conv2
+        add_4 = layer2_0_conv2 + layer2_0_shortcut  # layer2.0 (WideBasicBlock)
+        layer2_1_bn1 = self.layer2["1"].bn1(add_4)  # layer2.1.bn1
+        layer2_1_relu1 = self.layer2["1"].relu1(layer2_1_bn1)  # layer2.1.relu1
+        layer2_1_conv1 = self.layer2["1"].conv1(layer2_1_relu1)  # layer2.1.conv1
+        layer2_1_bn2 = self.layer2["1"].bn2(layer2_1_conv1)  # layer2.1.bn2
+        layer2_1_relu2 = self.layer2["1"].relu2(layer2_1_bn2)  # layer2.1.relu2
+        layer2_1_dropout = self.layer2["1"].dropout(layer2_1_relu2)  # layer2.1.dropout
+        layer2_1_conv2 = self.layer2["1"].conv2(layer2_1_dropout)  # layer2.1.conv2
+        add_5 = layer2_1_conv2 + add_4  # layer2.1 (WideBasicBlock)
+        return (add_5,)
+
+
+class Stage2(nn.Module):
+    """Stage 2: from layer2.2.bn1 to layer3.0.conv2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer2 = nn.ModuleDict(
+            {
                 "2": nn.ModuleDict(
                     {
                         "bn1": nn.GroupNorm(32, 320),
@@ -137,63 +216,13 @@ class Stage0(nn.Module):
                         "bn2": nn.GroupNorm(32, 640),
                         "relu2": nn.ReLU(inplace=True),
                         "dropout": nn.Dropout(p=0.3),
+                        "conv2": nn.Conv2d(640, 640, 3, padding=1, bias=False),
                     }
                 )
             }
         )
 
-    def forward(self, x) -> tuple:
-        conv1 = self.conv1(x)  # conv1
-        layer1_0_bn1 = self.layer1["0"].bn1(conv1)  # layer1.0.bn1
-        layer1_0_relu1 = self.layer1["0"].relu1(layer1_0_bn1)  # layer1.0.relu1
-        layer1_0_shortcut = self.layer1["0"].shortcut(layer1_0_relu1)  # layer1.0.shortcut
-        layer1_0_conv1 = self.layer1["0"].conv1(layer1_0_relu1)  # layer1.0.conv1
-        layer1_0_bn2 = self.layer1["0"].bn2(layer1_0_conv1)  # layer1.0.bn2
-        layer1_0_relu2 = self.layer1["0"].relu2(layer1_0_bn2)  # layer1.0.relu2
-        layer1_0_dropout = self.layer1["0"].dropout(layer1_0_relu2)  # layer1.0.dropout
-        layer1_0_conv2 = self.layer1["0"].conv2(layer1_0_dropout)  # layer1.0.conv2
-        add = layer1_0_conv2 + layer1_0_shortcut  # layer1.0 (WideBasicBlock)
-        layer1_1_bn1 = self.layer1["1"].bn1(add)  # layer1.1.bn1
-        layer1_1_relu1 = self.layer1["1"].relu1(layer1_1_bn1)  # layer1.1.relu1
-        layer1_1_conv1 = self.layer1["1"].conv1(layer1_1_relu1)  # layer1.1.conv1
-        layer1_1_bn2 = self.layer1["1"].bn2(layer1_1_conv1)  # layer1.1.bn2
-        layer1_1_relu2 = self.layer1["1"].relu2(layer1_1_bn2)  # layer1.1.relu2
-        layer1_1_dropout = self.layer1["1"].dropout(layer1_1_relu2)  # layer1.1.dropout
-        layer1_1_conv2 = self.layer1["1"].conv2(layer1_1_dropout)  # layer1.1.conv2
-        add_1 = layer1_1_conv2 + add  # layer1.1 (WideBasicBlock)
-        layer1_2_bn1 = self.layer1["2"].bn1(add_1)  # layer1.2.bn1
-        layer1_2_relu1 = self.layer1["2"].relu1(layer1_2_bn1)  # layer1.2.relu1
-        layer1_2_conv1 = self.layer1["2"].conv1(layer1_2_relu1)  # layer1.2.conv1
-        layer1_2_bn2 = self.layer1["2"].bn2(layer1_2_conv1)  # layer1.2.bn2
-        layer1_2_relu2 = self.layer1["2"].relu2(layer1_2_bn2)  # layer1.2.relu2
-        layer1_2_dropout = self.layer1["2"].dropout(layer1_2_relu2)  # layer1.2.dropout
-        layer1_2_conv2 = self.layer1["2"].conv2(layer1_2_dropout)  # layer1.2.conv2
-        add_2 = layer1_2_conv2 + add_1  # layer1.2 (WideBasicBlock)
-        layer1_3_bn1 = self.layer1["3"].bn1(add_2)  # layer1.3.bn1
-        layer1_3_relu1 = self.layer1["3"].relu1(layer1_3_bn1)  # layer1.3.relu1
-        layer1_3_conv1 = self.layer1["3"].conv1(layer1_3_relu1)  # layer1.3.conv1
-        layer1_3_bn2 = self.layer1["3"].bn2(layer1_3_conv1)  # layer1.3.bn2
-        layer1_3_relu2 = self.layer1["3"].relu2(layer1_3_bn2)  # layer1.3.relu2
-        layer1_3_dropout = self.layer1["3"].dropout(layer1_3_relu2)  # layer1.3.dropout
-        layer1_3_conv2 = self.layer1["3"].conv2(layer1_3_dropout)  # layer1.3.conv2
-        add_3 = layer1_3_conv2 + add_2  # layer1.3 (WideBasicBlock)
-        layer2_0_bn1 = self.layer2["0"].bn1(add_3)  # layer2.0.bn1
-        layer2_0_relu1 = self.layer2["0"].relu1(layer2_0_bn1)  # layer2.0.relu1
-        layer2_0_shortcut = self.layer2["0"].shortcut(layer2_0_relu1)  # layer2.0.shortcut
-        layer2_0_conv1 = self.layer2["0"].conv1(layer2_0_relu1)  # layer2.0.conv1
-        layer2_0_bn2 = self.layer2["0"].bn2(layer2_0_conv1)  # layer2.0.bn2
-        layer2_0_relu2 = self.layer2["0"].relu2(layer2_0_bn2)  # layer2.0.relu2
-        layer2_0_dropout = self.layer2["0"].dropout(layer2_0_relu2)  # layer2.0.dropout
-        layer2_0_conv2 = self.layer2["0"].conv2(layer2_0_dropout)  # layer2.0.conv2
-        add_4 = layer2_0_conv2 + layer2_0_shortcut  # layer2.0 (WideBasicBlock)
-        layer2_1_bn1 = self.layer2["1"].bn1(add_4)  # layer2.1.bn1
-        layer2_1_relu1 = self.layer2["1"].relu1(layer2_1_bn1)  # layer2.1.relu1
-        layer2_1_conv1 = self.layer2["1"].conv1(layer2_1_relu1)  # layer2.1.conv1
-        layer2_1_bn2 = self.layer2["1"].bn2(layer2_1_conv1)  # layer2.1.bn2
-        layer2_1_relu2 = self.layer2["1"].relu2(layer2_1_bn2)  # layer2.1.relu2
-        layer2_1_dropout = self.layer2["1"].dropout(layer2_1_relu2)  # layer2.1.dropout
-        layer2_1_conv2 = self.layer2["1"].conv2(layer2_1_dropout)  # layer2.1.conv2
-        add_5 = layer2_1_conv2 + add_4  # layer2.1 (WideBasicBlock)
+    def forward(self, add_5) -> tuple:
         layer2_2_bn1 = self.layer2["2"].bn1(add_5)  # layer2.2.bn1
         layer2_2_relu1 = self.layer2["2"].relu1(layer2_2_bn1)  # layer2.2.relu1
         layer2_2_conv1 = self.layer2["2"].conv1(layer2_2_relu1)  # layer2.2.conv1
@@ -217,20 +246,18 @@ class Stage0(nn.Module):
         layer3_0_bn2 = self.layer3["0"].bn2(layer3_0_conv1)  # layer3.0.bn2
         layer3_0_relu2 = self.layer3["0"].relu2(layer3_0_bn2)  # layer3.0.relu2
         layer3_0_dropout = self.layer3["0"].dropout(layer3_0_relu2)  # layer3.0.dropout
-        return (
-            layer3_0_shortcut,
-            layer3_0_dropout,
-        )
+        layer3_0_conv2 = self.layer3["0"].conv2(layer3_0_dropout)  # layer3.0.conv2
+        add_8 = layer3_0_conv2 + layer3_0_shortcut  # layer3.0 (WideBasicBlock)
+        return (add_8,)
 
 
-class Stage1(nn.Module):
-    """Stage 1: from layer3.0.conv2 to layer3.1.conv2."""
+class Stage3(nn.Module):
+    """Stage 3: from layer3.1.bn1 to fc."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layer3 = nn.ModuleDict(
             {
-                "0": nn.ModuleDict({"conv2": nn.Conv2d(640, 640, 3, padding=1, bias=False)}),
                 "1": nn.ModuleDict(
                     {
                         "bn1": nn.GroupNorm(32, 640),
@@ -242,32 +269,6 @@ class Stage1(nn.Module):
                         "conv2": nn.Conv2d(640, 640, 3, padding=1, bias=False),
                     }
                 ),
-            }
-        )
-
-    def forward(self, layer3_0_shortcut, layer3_0_dropout) -> tuple:
-        layer3_0_conv2 = self.layer3["0"].conv2(layer3_0_dropout)  # layer3.0.conv2
-        add_8 = layer3_0_conv2 + layer3_0_shortcut  # layer3.0 (WideBasicBlock)
-        layer3_1_bn1 = self.layer3["1"].bn1(add_8)  # layer3.1.bn1
-        layer3_1_relu1 = self.layer3["1"].relu1(layer3_1_bn1)  # layer3.1.relu1
-        layer3_1_conv1 = self.layer3["1"].conv1(layer3_1_relu1)  # layer3.1.conv1
-        layer3_1_bn2 = self.layer3["1"].bn2(layer3_1_conv1)  # layer3.1.bn2
-        layer3_1_relu2 = self.layer3["1"].relu2(layer3_1_bn2)  # layer3.1.relu2
-        layer3_1_dropout = self.layer3["1"].dropout(layer3_1_relu2)  # layer3.1.dropout
-        layer3_1_conv2 = self.layer3["1"].conv2(layer3_1_dropout)  # layer3.1.conv2
-        return (
-            add_8,
-            layer3_1_conv2,
-        )
-
-
-class Stage2(nn.Module):
-    """Stage 2: from layer3.2.bn1 to layer3.3.relu1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer3 = nn.ModuleDict(
-            {
                 "2": nn.ModuleDict(
                     {
                         "bn1": nn.GroupNorm(32, 640),
@@ -279,11 +280,33 @@ class Stage2(nn.Module):
                         "conv2": nn.Conv2d(640, 640, 3, padding=1, bias=False),
                     }
                 ),
-                "3": nn.ModuleDict({"bn1": nn.GroupNorm(32, 640), "relu1": nn.ReLU(inplace=True)}),
+                "3": nn.ModuleDict(
+                    {
+                        "bn1": nn.GroupNorm(32, 640),
+                        "relu1": nn.ReLU(inplace=True),
+                        "conv1": nn.Conv2d(640, 640, 3, padding=1, bias=False),
+                        "bn2": nn.GroupNorm(32, 640),
+                        "relu2": nn.ReLU(inplace=True),
+                        "dropout": nn.Dropout(p=0.3),
+                        "conv2": nn.Conv2d(640, 640, 3, padding=1, bias=False),
+                    }
+                ),
             }
         )
+        self.bn1 = nn.GroupNorm(32, 640)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(640, 100)
 
-    def forward(self, add_8, layer3_1_conv2) -> tuple:
+    def forward(self, add_8) -> tuple:
+        layer3_1_bn1 = self.layer3["1"].bn1(add_8)  # layer3.1.bn1
+        layer3_1_relu1 = self.layer3["1"].relu1(layer3_1_bn1)  # layer3.1.relu1
+        layer3_1_conv1 = self.layer3["1"].conv1(layer3_1_relu1)  # layer3.1.conv1
+        layer3_1_bn2 = self.layer3["1"].bn2(layer3_1_conv1)  # layer3.1.bn2
+        layer3_1_relu2 = self.layer3["1"].relu2(layer3_1_bn2)  # layer3.1.relu2
+        layer3_1_dropout = self.layer3["1"].dropout(layer3_1_relu2)  # layer3.1.dropout
+        layer3_1_conv2 = self.layer3["1"].conv2(layer3_1_dropout)  # layer3.1.conv2
         add_9 = layer3_1_conv2 + add_8  # layer3.1 (WideBasicBlock)
         layer3_2_bn1 = self.layer3["2"].bn1(add_9)  # layer3.2.bn1
         layer3_2_relu1 = self.layer3["2"].relu1(layer3_2_bn1)  # layer3.2.relu1
@@ -295,37 +318,6 @@ class Stage2(nn.Module):
         add_10 = layer3_2_conv2 + add_9  # layer3.2 (WideBasicBlock)
         layer3_3_bn1 = self.layer3["3"].bn1(add_10)  # layer3.3.bn1
         layer3_3_relu1 = self.layer3["3"].relu1(layer3_3_bn1)  # layer3.3.relu1
-        return (
-            add_10,
-            layer3_3_relu1,
-        )
-
-
-class Stage3(nn.Module):
-    """Stage 3: from layer3.3.conv1 to fc."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer3 = nn.ModuleDict(
-            {
-                "3": nn.ModuleDict(
-                    {
-                        "conv1": nn.Conv2d(640, 640, 3, padding=1, bias=False),
-                        "bn2": nn.GroupNorm(32, 640),
-                        "relu2": nn.ReLU(inplace=True),
-                        "dropout": nn.Dropout(p=0.3),
-                        "conv2": nn.Conv2d(640, 640, 3, padding=1, bias=False),
-                    }
-                )
-            }
-        )
-        self.bn1 = nn.GroupNorm(32, 640)
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(640, 100)
-
-    def forward(self, add_10, layer3_3_relu1) -> tuple:
         layer3_3_conv1 = self.layer3["3"].conv1(layer3_3_relu1)  # layer3.3.conv1
         layer3_3_bn2 = self.layer3["3"].bn2(layer3_3_conv1)  # layer3.3.bn2
         layer3_3_relu2 = self.layer3["3"].relu2(layer3_3_bn2)  # layer3.3.relu2
@@ -342,7 +334,7 @@ class Stage3(nn.Module):
 
 PIPELINE = {
     "model": "wrn_28x10_c100_dr03_gn_c32",
-    "method": "params",
+    "method": "acyclic",
     "batch_size": 256,
     "model_inputs": ["x"],
     "model_outputs": ["fc"],
@@ -351,7 +343,7 @@ PIPELINE = {
     "stages": [
         {
             "inputs": ["x"],
-            "outputs": ["layer3_0_shortcut", "layer3_0_dropout"],
+            "outputs": ["add_2"],
             "values": {
                 "x": {
                     "shape": [256, 3, 32, 32],
@@ -361,16 +353,8 @@ PIPELINE = {
                     "producer": None,
                     "consumers": [0],
                 },
-                "layer3_0_shortcut": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "layer3_0_dropout": {
-                    "shape": [256, 640, 8, 8],
+                "add_2": {
+                    "shape": [256, 160, 32, 32],
                     "dtype": "float32",
                     "requires_grad": True,
                     "batch_dim": 0,
@@ -399,6 +383,41 @@ PIPELINE = {
                 "layer1.2.bn2.weight",
                 "layer1.2.bn2.bias",
                 "layer1.2.conv2.weight",
+            ],
+            "buffers": [],
+            "replicas": 1,
+            "costs": {
+                "forward_ms": 46.0657,
+                "backward_ms": 134.9687,
+                "comm_ms": 27.962,
+                "param_bytes": 4718656,
+                "send_bytes": 167772160,
+                "recv_bytes": 0,
+                "memory_bytes": 991428800,
+            },
+        },
+        {
+            "inputs": ["add_2"],
+            "outputs": ["add_5"],
+            "values": {
+                "add_2": {
+                    "shape": [256, 160, 32, 32],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 0,
+                    "consumers": [1],
+                },
+                "add_5": {
+                    "shape": [256, 320, 16, 16],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 1,
+                    "consumers": [2],
+                },
+            },
+            "parameters": [
                 "layer1.3.bn1.weight",
                 "layer1.3.bn1.bias",
                 "layer1.3.conv1.weight",
@@ -418,6 +437,41 @@ PIPELINE = {
                 "layer2.1.bn2.weight",
                 "layer2.1.bn2.bias",
                 "layer2.1.conv2.weight",
+            ],
+            "buffers": [],
+            "replicas": 1,
+            "costs": {
+                "forward_ms": 47.9641,
+                "backward_ms": 141.4689,
+                "comm_ms": 13.981,
+                "param_bytes": 14961920,
+                "send_bytes": 83886080,
+                "recv_bytes": 167772160,
+                "memory_bytes": 904718080,
+            },
+        },
+        {
+            "inputs": ["add_5"],
+            "outputs": ["add_8"],
+            "values": {
+                "add_5": {
+                    "shape": [256, 320, 16, 16],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 1,
+                    "consumers": [2],
+                },
+                "add_8": {
+                    "shape": [256, 640, 8, 8],
+                    "dtype": "float32",
+                    "requires_grad": True,
+                    "batch_dim": 0,
+                    "producer": 2,
+                    "consumers": [3],
+                },
+            },
+            "parameters": [
                 "layer2.2.bn1.weight",
                 "layer2.2.bn1.bias",
                 "layer2.2.conv1.weight",
@@ -436,149 +490,25 @@ PIPELINE = {
                 "layer3.0.conv1.weight",
                 "layer3.0.bn2.weight",
                 "layer3.0.bn2.bias",
-            ],
-            "buffers": [],
-            "replicas": 1,
-            "costs": {
-                "forward_ms": 132.1561,
-                "backward_ms": 389.3718,
-                "comm_ms": 13.981,
-                "param_bytes": 42636096,
-                "send_bytes": 83886080,
-                "recv_bytes": 0,
-                "memory_bytes": 2269100480,
-            },
-        },
-        {
-            "inputs": ["layer3_0_shortcut", "layer3_0_dropout"],
-            "outputs": ["add_8", "layer3_1_conv2"],
-            "values": {
-                "layer3_0_shortcut": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "layer3_0_dropout": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "add_8": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-                "layer3_1_conv2": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-            },
-            "parameters": [
                 "layer3.0.conv2.weight",
-                "layer3.1.bn1.weight",
-                "layer3.1.bn1.bias",
-                "layer3.1.conv1.weight",
-                "layer3.1.bn2.weight",
-                "layer3.1.bn2.bias",
-                "layer3.1.conv2.weight",
             ],
             "buffers": [],
             "replicas": 1,
             "costs": {
-                "forward_ms": 23.6879,
-                "backward_ms": 70.784,
-                "comm_ms": 13.981,
-                "param_bytes": 44247040,
-                "send_bytes": 83886080,
+                "forward_ms": 45.9602,
+                "backward_ms": 136.3891,
+                "comm_ms": 6.9905,
+                "param_bytes": 37701120,
+                "send_bytes": 41943040,
                 "recv_bytes": 83886080,
-                "memory_bytes": 290027520,
+                "memory_bytes": 605934080,
             },
         },
         {
-            "inputs": ["add_8", "layer3_1_conv2"],
-            "outputs": ["add_10", "layer3_3_relu1"],
-            "values": {
-                "add_8": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-                "layer3_1_conv2": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-                "add_10": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 2,
-                    "consumers": [3],
-                },
-                "layer3_3_relu1": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 2,
-                    "consumers": [3],
-                },
-            },
-            "parameters": [
-                "layer3.2.bn1.weight",
-                "layer3.2.bn1.bias",
-                "layer3.2.conv1.weight",
-                "layer3.2.bn2.weight",
-                "layer3.2.bn2.bias",
-                "layer3.2.conv2.weight",
-                "layer3.3.bn1.weight",
-                "layer3.3.bn1.bias",
-            ],
-            "buffers": [],
-            "replicas": 1,
-            "costs": {
-                "forward_ms": 16.3201,
-                "backward_ms": 48.5409,
-                "comm_ms": 13.981,
-                "param_bytes": 29506560,
-                "send_bytes": 83886080,
-                "recv_bytes": 83886080,
-                "memory_bytes": 245806080,
-            },
-        },
-        {
-            "inputs": ["add_10", "layer3_3_relu1"],
+            "inputs": ["add_8"],
             "outputs": ["fc"],
             "values": {
-                "add_10": {
-                    "shape": [256, 640, 8, 8],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 2,
-                    "consumers": [3],
-                },
-                "layer3_3_relu1": {
+                "add_8": {
                     "shape": [256, 640, 8, 8],
                     "dtype": "float32",
                     "requires_grad": True,
@@ -596,6 +526,20 @@ PIPELINE = {
                 },
             },
             "parameters": [
+                "layer3.1.bn1.weight",
+                "layer3.1.bn1.bias",
+                "layer3.1.conv1.weight",
+                "layer3.1.bn2.weight",
+                "layer3.1.bn2.bias",
+                "layer3.1.conv2.weight",
+                "layer3.2.bn1.weight",
+                "layer3.2.bn1.bias",
+                "layer3.2.conv1.weight",
+                "layer3.2.bn2.weight",
+                "layer3.2.bn2.bias",
+                "layer3.2.conv2.weight",
+                "layer3.3.bn1.weight",
+                "layer3.3.bn1.bias",
                 "layer3.3.conv1.weight",
                 "layer3.3.bn2.weight",
                 "layer3.3.bn2.bias",
@@ -608,13 +552,13 @@ PIPELINE = {
             "buffers": [],
             "replicas": 1,
             "costs": {
-                "forward_ms": 16.0433,
-                "backward_ms": 47.8495,
+                "forward_ms": 48.2175,
+                "backward_ms": 143.7196,
                 "comm_ms": 0.0,
-                "param_bytes": 29757840,
+                "param_bytes": 88765840,
                 "send_bytes": 0,
-                "recv_bytes": 83886080,
-                "memory_bytes": 194484400,
+                "recv_bytes": 41943040,
+                "memory_bytes": 549766320,
             },
         },
     ],
