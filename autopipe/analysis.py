@@ -57,14 +57,19 @@ class Analysis:
             lines.append(
                 f"{index:>5} {cost.forward_ms:>9.2f} {cost.backward_ms:>9.2f} {cost.param_bytes / _MB:>10.2f} "
                 f"{cost.input_bytes / _MB:>8.2f} {cost.send_bytes / _MB:>8.2f} {cost.comm_ms:>8.2f} "
-                f"{cost.memory_bytes / _GB:>10.3f}" + (f" {replicas:>8}" if any(r > 1 for r in self.replicas) else "")
+                f"{cost.memory_bytes / _GB:>10.3f}"
+                + (f" {replicas:>8}" if any(r > 1 for r in self.replicas) else "")
             )
         lines.append(
             f"slowest stage {self.slowest_ms:.2f} ms per batch, lower bound {self.lower_bound_ms:.2f} ms "
             f"(ratio {self.bound_ratio:.3f}); one device {self.single_device_ms:.2f} ms"
         )
         for estimate in self.schedules:
-            rate = f", {estimate.samples_per_s:.1f} samples/s" if estimate.samples_per_s is not None else ""
+            rate = (
+                f", {estimate.samples_per_s:.1f} samples/s"
+                if estimate.samples_per_s is not None
+                else ""
+            )
             lines.append(
                 f"{estimate.schedule} with {self.microbatches} microbatches: {estimate.batch_ms:.2f} ms per batch"
                 f"{rate}, {estimate.speedup:.2f}x one device, peak memory {estimate.peak_memory_bytes / _GB:.3f} GB"
@@ -92,15 +97,27 @@ def analyse(
         scheduled = replace(model, schedule=schedule)
         n_stages = len(costs)
         peak = max(
-            stage_memory(c.state_bytes, c.param_bytes, c.activation_bytes, c.input_bytes, s, n_stages, scheduled)
+            stage_memory(
+                c.state_bytes,
+                c.param_bytes,
+                c.activation_bytes,
+                c.input_bytes,
+                s,
+                n_stages,
+                scheduled,
+            )
             for s, c in enumerate(costs)
         )
         batch_ms = pipeline_ms(costs, replicas, model.microbatches)
-        estimates.append(ScheduleEstimate(
-            schedule=schedule,
-            batch_ms=batch_ms,
-            samples_per_s=batch_size / batch_ms * 1e3 if batch_size and batch_ms > 0 else None,
-            speedup=single / batch_ms if batch_ms > 0 else 1.0,
-            peak_memory_bytes=peak,
-        ))
-    return Analysis(costs, replicas, lower_bound_ms, single, model.microbatches, batch_size, estimates)
+        estimates.append(
+            ScheduleEstimate(
+                schedule=schedule,
+                batch_ms=batch_ms,
+                samples_per_s=batch_size / batch_ms * 1e3 if batch_size and batch_ms > 0 else None,
+                speedup=single / batch_ms if batch_ms > 0 else 1.0,
+                peak_memory_bytes=peak,
+            )
+        )
+    return Analysis(
+        costs, replicas, lower_bound_ms, single, model.microbatches, batch_size, estimates
+    )

@@ -34,17 +34,37 @@ _LARGEST_EMBEDDED_CONSTANT = 4096
 _RESERVED = frozenset({"self", "torch", "nn", "F", "operator", "math", "OrderedDict"})
 
 _BINARY = {
-    operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
-    operator.floordiv: "//", operator.mod: "%", operator.pow: "**", operator.matmul: "@",
-    operator.and_: "&", operator.or_: "|", operator.xor: "^", operator.lshift: "<<",
-    operator.rshift: ">>", operator.eq: "==", operator.ne: "!=", operator.lt: "<",
-    operator.le: "<=", operator.gt: ">", operator.ge: ">=",
+    operator.add: "+",
+    operator.sub: "-",
+    operator.mul: "*",
+    operator.truediv: "/",
+    operator.floordiv: "//",
+    operator.mod: "%",
+    operator.pow: "**",
+    operator.matmul: "@",
+    operator.and_: "&",
+    operator.or_: "|",
+    operator.xor: "^",
+    operator.lshift: "<<",
+    operator.rshift: ">>",
+    operator.eq: "==",
+    operator.ne: "!=",
+    operator.lt: "<",
+    operator.le: "<=",
+    operator.gt: ">",
+    operator.ge: ">=",
 }
 _UNARY = {operator.neg: "-", operator.pos: "+", operator.invert: "~", operator.not_: "not "}
-_DROPOUTS = frozenset({
-    nn.functional.dropout, nn.functional.dropout1d, nn.functional.dropout2d,
-    nn.functional.dropout3d, nn.functional.alpha_dropout, nn.functional.feature_alpha_dropout,
-})
+_DROPOUTS = frozenset(
+    {
+        nn.functional.dropout,
+        nn.functional.dropout1d,
+        nn.functional.dropout2d,
+        nn.functional.dropout3d,
+        nn.functional.alpha_dropout,
+        nn.functional.feature_alpha_dropout,
+    }
+)
 
 
 class _Source(str):
@@ -70,7 +90,11 @@ class GeneratedFile:
 
 
 def plan_stages(
-    module: fx.GraphModule, graph: nx.DiGraph, assignment: dict[str, int], n_stages: int, original: nn.Module
+    module: fx.GraphModule,
+    graph: nx.DiGraph,
+    assignment: dict[str, int],
+    n_stages: int,
+    original: nn.Module,
 ) -> list[StagePlan]:
     """Split the traced program into stages: nodes, inputs, outputs and held state."""
     plans = [StagePlan(k) for k in range(n_stages)]
@@ -81,12 +105,17 @@ def plan_stages(
     for node in module.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        stages = ({assignment[u.name] for u in node.users if u.op != "output"} or {assignment[node.name]}
-                  if node.op == "get_attr" else {assignment[node.name]})
+        stages = (
+            {assignment[u.name] for u in node.users if u.op != "output"} or {assignment[node.name]}
+            if node.op == "get_attr"
+            else {assignment[node.name]}
+        )
         for stage in sorted(stages):
             plans[stage].nodes.append(node)
             for source in node.all_input_nodes:
-                if source.op != "get_attr" and (source.op == "placeholder" or assignment[source.name] != stage):
+                if source.op != "get_attr" and (
+                    source.op == "placeholder" or assignment[source.name] != stage
+                ):
                     needs[stage].add(source.name)
     model_outputs = graph.graph["outputs"]
     needs[last].update(n for n in model_outputs if n not in {x.name for x in plans[last].nodes})
@@ -95,9 +124,13 @@ def plan_stages(
         plans[stage].inputs = sorted(needs[stage], key=order.__getitem__)
     for stage in range(n_stages):
         plans[stage].outputs = sorted(
-            {n for later in range(stage + 1, n_stages) for n in needs[later]
-             if (assignment[n] == stage and graph.nodes[n]["op"] != "placeholder")
-             or (stage == 0 and graph.nodes[n]["op"] == "placeholder")},
+            {
+                n
+                for later in range(stage + 1, n_stages)
+                for n in needs[later]
+                if (assignment[n] == stage and graph.nodes[n]["op"] != "placeholder")
+                or (stage == 0 and graph.nodes[n]["op"] == "placeholder")
+            },
             key=order.__getitem__,
         )
     plans[last].outputs = list(model_outputs)
@@ -183,8 +216,11 @@ class _Writer:
                     lines.append(line)
             lines.append(self._register(owner, attr, path, tensor))
         lines += _tie_lines(plan, tree)
-        lines += [f"{_access(key, tree)}.requires_grad_(False)" for key, t in _state_keys(plan).items()
-                  if isinstance(t, nn.Parameter) and not t.requires_grad and key in self.original_keys]
+        lines += [
+            f"{_access(key, tree)}.requires_grad_(False)"
+            for key, t in _state_keys(plan).items()
+            if isinstance(t, nn.Parameter) and not t.requires_grad and key in self.original_keys
+        ]
         return lines
 
     def _register(self, owner: str, attr: str, path: str, tensor: torch.Tensor) -> str:
@@ -204,7 +240,12 @@ class _Writer:
         return f"{holder}.register_buffer({attr!r}, {value}, persistent=False)"
 
     def _namespace(self) -> dict[str, Any]:
-        namespace: dict[str, Any] = {"torch": torch, "nn": nn, "F": nn.functional, "operator": operator}
+        namespace: dict[str, Any] = {
+            "torch": torch,
+            "nn": nn,
+            "F": nn.functional,
+            "operator": operator,
+        }
         for line in sorted(self.imports.lines):
             exec(line, namespace)  # noqa: S102 - import lines written by Imports
         return namespace
@@ -217,8 +258,15 @@ class _Writer:
         return f"{self.names[node.name]} = {self._expression(node)}", comment
 
     def _arg(self, value: Any) -> str:
-        return literal(value, self.imports, lambda v: self.names[v.name] if isinstance(v, fx.Node)
-                       else v if isinstance(v, _Source) else None)
+        return literal(
+            value,
+            self.imports,
+            lambda v: (
+                self.names[v.name]
+                if isinstance(v, fx.Node)
+                else v if isinstance(v, _Source) else None
+            ),
+        )
 
     def _call_args(self, args: tuple, kwargs: dict) -> str:
         parts = [self._arg(a) for a in args] + [f"{k}={self._arg(v)}" for k, v in kwargs.items()]
@@ -241,7 +289,12 @@ class _Writer:
             return f"{_UNARY[target]}{self._arg(args[0])}"
         if target is operator.getitem and len(args) == 2:
             return f"{self._arg(args[0])}[{self._index(args[1])}]"
-        if target is getattr and len(args) == 2 and isinstance(args[1], str) and args[1].isidentifier():
+        if (
+            target is getattr
+            and len(args) == 2
+            and isinstance(args[1], str)
+            and args[1].isidentifier()
+        ):
             return f"{self._arg(args[0])}.{args[1]}"
         return f"{self.imports.name_of_function(target)}({self._call_args(args, kwargs)})"
 
@@ -252,7 +305,9 @@ class _Writer:
 
     def _index_item(self, item: Any) -> str:
         if isinstance(item, slice):
-            start, stop, step = (("" if v is None else self._arg(v)) for v in (item.start, item.stop, item.step))
+            start, stop, step = (
+                ("" if v is None else self._arg(v)) for v in (item.start, item.stop, item.step)
+            )
             return f"{start}:{stop}" + (f":{step}" if step else "")
         return self._arg(item)
 
@@ -283,15 +338,25 @@ def _access(path: str, tree: dict[str, Any]) -> str:
     """
     parts = path.split(".")
     if hasattr(nn.Module, parts[0]):
-        raise UserError(f"{path!r}: {parts[0]!r} clashes with an nn.Module attribute; rename it in the model")
-    text = f"self.{parts[0]}" if _is_plain_attribute(parts[0], nn.Module) else f"getattr(self, {parts[0]!r})"
+        raise UserError(
+            f"{path!r}: {parts[0]!r} clashes with an nn.Module attribute; rename it in the model"
+        )
+    text = (
+        f"self.{parts[0]}"
+        if _is_plain_attribute(parts[0], nn.Module)
+        else f"getattr(self, {parts[0]!r})"
+    )
     node: Any = tree.get(parts[0])
     for part in parts[1:]:
         if isinstance(node, dict) and part in node:
             text += f".{part}" if _is_plain_attribute(part, nn.ModuleDict) else f"[{part!r}]"
             node = node[part]
         else:
-            text = f"{text}.{part}" if _is_plain_attribute(part, type(None)) else f"getattr({text}, {part!r})"
+            text = (
+                f"{text}.{part}"
+                if _is_plain_attribute(part, type(None))
+                else f"getattr({text}, {part!r})"
+            )
             node = None
     return text
 
@@ -323,7 +388,9 @@ def _make_containers(tree: dict[str, Any], parts: list[str]) -> list[str]:
             if depth == 0:
                 lines.append(_top_level(part, {}))
             else:
-                lines.append(f"{_access('.'.join(parts[:depth]), tree)}[{part!r}] = nn.ModuleDict()")
+                lines.append(
+                    f"{_access('.'.join(parts[:depth]), tree)}[{part!r}] = nn.ModuleDict()"
+                )
         node = node[part]
     return lines
 
@@ -388,7 +455,11 @@ def _cost_entry(cost: StageCost) -> dict[str, Any]:
 
 
 def describe_pipeline(
-    original_model: nn.Module, graph: nx.DiGraph, plans: list[StagePlan], extra: dict[str, Any], partition: Partition
+    original_model: nn.Module,
+    graph: nx.DiGraph,
+    plans: list[StagePlan],
+    extra: dict[str, Any],
+    partition: Partition,
 ) -> dict[str, Any]:
     """The PIPELINE dict: inputs, outputs, stages with value specs, state and tied groups."""
     consumers: dict[str, list[int]] = {}
@@ -406,22 +477,32 @@ def describe_pipeline(
         keys = {k: t for k, t in _state_keys(plan).items() if k in original}
         for key, tensor in keys.items():
             held.setdefault(id(original[key]), []).append([plan.index, key])
-        values = {name: _value_spec(graph.nodes[name]["value"], producers.get(name) if plan.index > 0 or
-                                    graph.nodes[name]["op"] != "placeholder" else None,
-                                    consumers.get(name, []))
-                  for name in dict.fromkeys(plan.inputs + plan.outputs)}
+        values = {
+            name: _value_spec(
+                graph.nodes[name]["value"],
+                (
+                    producers.get(name)
+                    if plan.index > 0 or graph.nodes[name]["op"] != "placeholder"
+                    else None
+                ),
+                consumers.get(name, []),
+            )
+            for name in dict.fromkeys(plan.inputs + plan.outputs)
+        }
         for name in plan.inputs:
             if plan.index == 0:
                 values[name]["producer"] = None
-        stages.append({
-            "inputs": list(plan.inputs),
-            "outputs": list(plan.outputs),
-            "values": values,
-            "parameters": [k for k, t in keys.items() if isinstance(t, nn.Parameter)],
-            "buffers": [k for k, t in keys.items() if not isinstance(t, nn.Parameter)],
-            "replicas": partition.replicas[plan.index],
-            "costs": _cost_entry(partition.costs[plan.index]),
-        })
+        stages.append(
+            {
+                "inputs": list(plan.inputs),
+                "outputs": list(plan.outputs),
+                "values": values,
+                "parameters": [k for k, t in keys.items() if isinstance(t, nn.Parameter)],
+                "buffers": [k for k, t in keys.items() if not isinstance(t, nn.Parameter)],
+                "replicas": partition.replicas[plan.index],
+                "costs": _cost_entry(partition.costs[plan.index]),
+            }
+        )
     tied = [group for group in held.values() if len({stage for stage, _ in group}) > 1]
     inputs = graph.graph["inputs"]
     input_info = [graph.nodes[n]["value"] for n in inputs]
@@ -458,8 +539,11 @@ def generate(
     stages = [writer.stage(plan, graph, root_name) for plan in plans]
     pipeline = describe_pipeline(original, graph, plans, extra, partition)
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS]), keep_trailing_newline=True,
-        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
+        loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS]),
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
     )
     text = environment.get_template("stages.py.j2").render(
         header=header,

@@ -117,21 +117,46 @@ def compile(  # noqa: A001 - the public name the API promises
     for qualname, reason in traced.auto_leaves.items():
         log.warning("kept %s as one layer: its tracing failed with %s", qualname, reason)
     graph = build_graph(traced, propagate_values(traced))
-    annotate(graph, profile(
-        traced, graph, mode=profiling.mode, device=profiling.device, device_spec=profiling.device_spec,
-        recomputation=profiling.recomputation, save_memory_mode=profiling.save_memory_mode,
-        cache_name=profiling.cache_name, overwrite_cache=profiling.overwrite_cache, progress=profiling.progress,
-    ))
+    annotate(
+        graph,
+        profile(
+            traced,
+            graph,
+            mode=profiling.mode,
+            device=profiling.device,
+            device_spec=profiling.device_spec,
+            recomputation=profiling.recomputation,
+            save_memory_mode=profiling.save_memory_mode,
+            cache_name=profiling.cache_name,
+            overwrite_cache=profiling.overwrite_cache,
+            progress=profiling.progress,
+        ),
+    )
     planned = partition(graph, traced.graph_module, n_stages, method, options)
     batch_size = _batch_size(traced)
-    report = analyse(planned.costs, planned.replicas, lower_bound_ms(planned.coarse, planned.n_stages),
-                     options.cost, batch_size) if analysis else None
+    report = (
+        analyse(
+            planned.costs,
+            planned.replicas,
+            lower_bound_ms(planned.coarse, planned.n_stages),
+            options.cost,
+            batch_size,
+        )
+        if analysis
+        else None
+    )
     if not write:
-        return CompileResult(None, None, [], {}, graph, planned, traced, report, model, example_inputs)
+        return CompileResult(
+            None, None, [], {}, graph, planned, traced, report, model, example_inputs
+        )
     header = "# " + (command or f"autopipe.compile({name}, n_stages={n_stages}, method={method!r})")
     generated = generate(
-        traced.graph_module, graph, planned, header,
-        extra={"model": name, "method": method, "batch_size": batch_size}, original=model,
+        traced.graph_module,
+        graph,
+        planned,
+        header,
+        extra={"model": name, "method": method, "batch_size": batch_size},
+        original=model,
         analysis=report.table() if report else None,
     )
     path = Path(output) if output is not None else default_output(name, n_stages, method)
@@ -139,7 +164,9 @@ def compile(  # noqa: A001 - the public name the API promises
     path.write_text(generated.source)
     module = import_generated(path)
     stages = module.build_stages(model.state_dict())
-    return CompileResult(path, module, stages, module.PIPELINE, graph, planned, traced, report, model, example_inputs)
+    return CompileResult(
+        path, module, stages, module.PIPELINE, graph, planned, traced, report, model, example_inputs
+    )
 
 
 def _batch_size(traced: TraceResult) -> int | None:

@@ -45,7 +45,9 @@ class CostModel:
         if self.bandwidth <= 0:
             raise UserError(f"--bw must be positive, got {self.bandwidth}")
         if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+            raise UserError(
+                f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}"
+            )
         if self.microbatches < 1:
             raise UserError(f"--microbatches must be at least 1, got {self.microbatches}")
         if self.memory_limit is not None and self.memory_limit <= 0:
@@ -91,7 +93,9 @@ def node_compute_ms(coarse: nx.DiGraph, node: int) -> float:
     return data.get("forward_ms", 0.0) + data.get("backward_ms", 0.0)
 
 
-def stage_costs(coarse: nx.DiGraph, stage_of: dict[int, int], n_stages: int, model: CostModel) -> list[StageCost]:
+def stage_costs(
+    coarse: nx.DiGraph, stage_of: dict[int, int], n_stages: int, model: CostModel
+) -> list[StageCost]:
     """The cost of every stage of an assignment of contracted nodes to stages."""
     sums = [dict(forward=0.0, backward=0.0, params=0, state=0, acts=0) for _ in range(n_stages)]
     sends: list[dict[str, tuple[int, bool]]] = [{} for _ in range(n_stages)]
@@ -116,24 +120,40 @@ def stage_costs(coarse: nx.DiGraph, stage_of: dict[int, int], n_stages: int, mod
         send_bytes = sum(b for b, _ in sends[s].values())
         grad_bytes = sum(b for b, g in sends[s].values() if g)
         input_bytes = sum(receives[s].values())
-        costs.append(StageCost(
-            forward_ms=sums[s]["forward"],
-            backward_ms=sums[s]["backward"],
-            comm_ms=model.transfer_ms(send_bytes + grad_bytes),
-            send_bytes=send_bytes,
-            grad_bytes=grad_bytes,
-            param_bytes=sums[s]["params"],
-            state_bytes=sums[s]["state"],
-            activation_bytes=sums[s]["acts"],
-            input_bytes=input_bytes,
-            memory_bytes=stage_memory(sums[s]["state"], sums[s]["params"], sums[s]["acts"], input_bytes,
-                                      s, n_stages, model),
-        ))
+        costs.append(
+            StageCost(
+                forward_ms=sums[s]["forward"],
+                backward_ms=sums[s]["backward"],
+                comm_ms=model.transfer_ms(send_bytes + grad_bytes),
+                send_bytes=send_bytes,
+                grad_bytes=grad_bytes,
+                param_bytes=sums[s]["params"],
+                state_bytes=sums[s]["state"],
+                activation_bytes=sums[s]["acts"],
+                input_bytes=input_bytes,
+                memory_bytes=stage_memory(
+                    sums[s]["state"],
+                    sums[s]["params"],
+                    sums[s]["acts"],
+                    input_bytes,
+                    s,
+                    n_stages,
+                    model,
+                ),
+            )
+        )
     return costs
 
 
-def stage_memory(state_bytes: int, param_bytes: int, activation_bytes: int, input_bytes: int,
-                 stage: int, n_stages: int, model: CostModel) -> int:
+def stage_memory(
+    state_bytes: int,
+    param_bytes: int,
+    activation_bytes: int,
+    input_bytes: int,
+    stage: int,
+    n_stages: int,
+    model: CostModel,
+) -> int:
     """Bytes one device needs for a stage: state, gradients, optimizer state, activations."""
     inputs = input_bytes / model.microbatches
     produced = activation_bytes / model.microbatches

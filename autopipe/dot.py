@@ -11,8 +11,18 @@ from pathlib import Path
 
 import networkx as nx
 
-_PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-            "#9c755f", "#bab0ac"]
+_PALETTE = [
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+]
 
 
 def _colour(stage: int) -> str:
@@ -25,15 +35,24 @@ def _megabytes(nbytes: int) -> str:
 
 def _drawn_nodes(graph: nx.DiGraph) -> list[str]:
     """Nodes worth drawing: parameter reads are left out, they are part of their readers."""
-    return sorted((n for n in graph.nodes if graph.nodes[n]["op"] != "get_attr"), key=lambda n: graph.nodes[n]["order"])
+    return sorted(
+        (n for n in graph.nodes if graph.nodes[n]["op"] != "get_attr"),
+        key=lambda n: graph.nodes[n]["order"],
+    )
 
 
 def to_dot(graph: nx.DiGraph, assignment: dict[str, int]) -> str:
     """Graphviz source: one cluster per stage, cut edges labelled with their bytes."""
     nodes = _drawn_nodes(graph)
-    lines = ["digraph partition {", "  rankdir=TB;", '  node [shape=box, style=filled, fontname="Helvetica"];']
+    lines = [
+        "digraph partition {",
+        "  rankdir=TB;",
+        '  node [shape=box, style=filled, fontname="Helvetica"];',
+    ]
     for stage in sorted({assignment[n] for n in nodes}):
-        lines.append(f'  subgraph cluster_{stage} {{ label="stage {stage}"; color="{_colour(stage)}";')
+        lines.append(
+            f'  subgraph cluster_{stage} {{ label="stage {stage}"; color="{_colour(stage)}";'
+        )
         for n in nodes:
             if assignment[n] == stage:
                 lines.append(f'    "{n}" [fillcolor="{_colour(stage)}", label="{n}"];')
@@ -67,10 +86,18 @@ def draw_svg(graph: nx.DiGraph, assignment: dict[str, int], path: Path) -> None:
             continue
         (x0, y0), (x1, y1) = position[u], position[v]
         cut = assignment[u] != assignment[v]
-        axes.plot([x0, x1], [y0, y1], color="black" if cut else "#cccccc", linewidth=1.2 if cut else 0.6, zorder=1)
+        axes.plot(
+            [x0, x1],
+            [y0, y1],
+            color="black" if cut else "#cccccc",
+            linewidth=1.2 if cut else 0.6,
+            zorder=1,
+        )
         if cut and (u, assignment[v]) not in labelled:
             labelled.add((u, assignment[v]))
-            axes.annotate(_megabytes(data["bytes"]), ((x0 + x1) / 2, (y0 + y1) / 2), fontsize=6, ha="center")
+            axes.annotate(
+                _megabytes(data["bytes"]), ((x0 + x1) / 2, (y0 + y1) / 2), fontsize=6, ha="center"
+            )
     xs, ys = zip(*(position[n] for n in nodes))
     axes.scatter(xs, ys, c=[_colour(assignment[n]) for n in nodes], s=18, zorder=2)
     axes.set_yticks([-s for s in range(n_stages)], [f"stage {s}" for s in range(n_stages)])

@@ -1,8 +1,8 @@
 """Command line: partition a zoo model or your own into pipeline stages and generate its file.
 
-    python -m autopipe.partition vision --model wrn_28x10_c100_dr03_gn -p 4 -b 256 --crop 32
-    python -m autopipe.partition nlp --model gpt2 -p 4 -b 8 --seq_len 512
-    python -m autopipe.partition custom --task my_model.py:build -p 2 --sanity_check
+python -m autopipe.partition vision --model wrn_28x10_c100_dr03_gn -p 4 -b 256 --crop 32
+python -m autopipe.partition nlp --model gpt2 -p 4 -b 8 --seq_len 512
+python -m autopipe.partition custom --task my_model.py:build -p 2 --sanity_check
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from autopipe.profile import DEVICES
 from autopipe.tasks import DEFAULT_MODEL, FAMILIES, Task, custom_task, zoo_task
 from autopipe.verify import VerificationError
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m autopipe.partition",
@@ -30,70 +31,165 @@ def build_parser() -> argparse.ArgumentParser:
     )
     families = parser.add_subparsers(dest="family", required=True, metavar="{vision,nlp,custom}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-p", "--n_partitions", type=int, default=4, help="number of pipeline stages (default 4)")
-    common.add_argument("-b", "--batch_size", type=int, default=32, help="batch size to trace at (default 32)")
-    common.add_argument("--partitioning_method", default=DEFAULT_METHOD, choices=sorted(METHODS),
-                        help=f"how to split the graph (default {DEFAULT_METHOD})")
-    common.add_argument("--depth", type=int, default=None,
-                        help="keep every module nested deeper than N as one layer")
-    common.add_argument("--basic_blocks", nargs="+", default=[], metavar="CLS",
-                        help="module classes to keep as one layer each")
-    common.add_argument("-o", "--output", default=None,
-                        help="file to write (default generated_models/<model>_<size>_p<p>_<method>.py)")
-    common.add_argument("--sanity_check", action="store_true",
-                        help="check outputs and gradients of the stages against the original model")
+    common.add_argument(
+        "-p", "--n_partitions", type=int, default=4, help="number of pipeline stages (default 4)"
+    )
+    common.add_argument(
+        "-b", "--batch_size", type=int, default=32, help="batch size to trace at (default 32)"
+    )
+    common.add_argument(
+        "--partitioning_method",
+        default=DEFAULT_METHOD,
+        choices=sorted(METHODS),
+        help=f"how to split the graph (default {DEFAULT_METHOD})",
+    )
+    common.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="keep every module nested deeper than N as one layer",
+    )
+    common.add_argument(
+        "--basic_blocks",
+        nargs="+",
+        default=[],
+        metavar="CLS",
+        help="module classes to keep as one layer each",
+    )
+    common.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="file to write (default generated_models/<model>_<size>_p<p>_<method>.py)",
+    )
+    common.add_argument(
+        "--sanity_check",
+        action="store_true",
+        help="check outputs and gradients of the stages against the original model",
+    )
     common.add_argument("--seed", type=int, default=0, help="seed for weights and example inputs")
     common.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     _add_cost_flags(common)
 
     vision = families.add_parser("vision", parents=[common], help="a vision model from the zoo")
-    vision.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(FAMILIES['vision'])}")
-    vision.add_argument("--crop", type=int, default=None, help="image size (default: the model's own)")
+    vision.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"one of: {', '.join(FAMILIES['vision'])}"
+    )
+    vision.add_argument(
+        "--crop", type=int, default=None, help="image size (default: the model's own)"
+    )
 
     nlp = families.add_parser("nlp", parents=[common], help="a language model from the zoo")
     nlp.add_argument("--model", required=True, help=f"one of: {', '.join(FAMILIES['nlp'])}")
-    nlp.add_argument("--seq_len", type=int, default=None, help="sequence length (default: the model's own)")
+    nlp.add_argument(
+        "--seq_len", type=int, default=None, help="sequence length (default: the model's own)"
+    )
 
     custom = families.add_parser("custom", parents=[common], help="your own model")
-    custom.add_argument("--task", required=True, metavar="FILE.py:NAME",
-                        help="NAME() returns (model, example_inputs): a tuple or dict of tensors")
+    custom.add_argument(
+        "--task",
+        required=True,
+        metavar="FILE.py:NAME",
+        help="NAME() returns (model, example_inputs): a tuple or dict of tensors",
+    )
     return parser
 
 
 def _add_cost_flags(parser: argparse.ArgumentParser) -> None:
     profiling = parser.add_argument_group("profiling")
-    profiling.add_argument("--profile", choices=("flops", "measured"), default="flops",
-                           help="node costs from FLOPs and bytes on --device_spec (default), or measured on --device")
-    profiling.add_argument("--device", default="cpu", help="device to measure on: cpu, cuda, cuda:N (default cpu)")
-    profiling.add_argument("--device_spec", default="v100", choices=sorted(DEVICES),
-                           help="device description for --profile flops (default v100)")
-    profiling.add_argument("--no_recomputation", action="store_true",
-                           help="backward does not re-run the forward (default: it does)")
-    profiling.add_argument("--profiles_cache_name", default=None, help="file name of the measured-profile cache")
-    profiling.add_argument("--overwrite_profiles_cache", action="store_true", help="measure again even if cached")
-    profiling.add_argument("--save_memory_mode", action="store_true",
-                           help="keep the model on the host, move one node at a time to the device")
+    profiling.add_argument(
+        "--profile",
+        choices=("flops", "measured"),
+        default="flops",
+        help="node costs from FLOPs and bytes on --device_spec (default), or measured on --device",
+    )
+    profiling.add_argument(
+        "--device", default="cpu", help="device to measure on: cpu, cuda, cuda:N (default cpu)"
+    )
+    profiling.add_argument(
+        "--device_spec",
+        default="v100",
+        choices=sorted(DEVICES),
+        help="device description for --profile flops (default v100)",
+    )
+    profiling.add_argument(
+        "--no_recomputation",
+        action="store_true",
+        help="backward does not re-run the forward (default: it does)",
+    )
+    profiling.add_argument(
+        "--profiles_cache_name", default=None, help="file name of the measured-profile cache"
+    )
+    profiling.add_argument(
+        "--overwrite_profiles_cache", action="store_true", help="measure again even if cached"
+    )
+    profiling.add_argument(
+        "--save_memory_mode",
+        action="store_true",
+        help="keep the model on the host, move one node at a time to the device",
+    )
     costs = parser.add_argument_group("cost model")
-    costs.add_argument("--bw", type=float, nargs="+", default=[12.0], metavar="GBPS",
-                       help="link bandwidth in GB/s; one per level with -n (default 12)")
-    costs.add_argument("-n", "--num_devices", type=int, nargs="+", default=None, metavar="N",
-                       help="hierarchical machine, innermost first: -n 8 2 --bw 300 25 is 2 servers of 8 GPUs")
-    costs.add_argument("--memory_limit", type=float, default=None, metavar="GB", help="memory per device in GB")
-    costs.add_argument("--microbatches", type=int, default=4, help="microbatches per batch (default 4)")
-    costs.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule whose memory counts (default 1f1b)")
-    costs.add_argument("--optimizer", choices=sorted(OPTIMIZER_SLOTS), default="sgd",
-                       help="optimizer whose state counts in memory (default sgd)")
+    costs.add_argument(
+        "--bw",
+        type=float,
+        nargs="+",
+        default=[12.0],
+        metavar="GBPS",
+        help="link bandwidth in GB/s; one per level with -n (default 12)",
+    )
+    costs.add_argument(
+        "-n",
+        "--num_devices",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="hierarchical machine, innermost first: -n 8 2 --bw 300 25 is 2 servers of 8 GPUs",
+    )
+    costs.add_argument(
+        "--memory_limit", type=float, default=None, metavar="GB", help="memory per device in GB"
+    )
+    costs.add_argument(
+        "--microbatches", type=int, default=4, help="microbatches per batch (default 4)"
+    )
+    costs.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="1f1b",
+        help="schedule whose memory counts (default 1f1b)",
+    )
+    costs.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZER_SLOTS),
+        default="sgd",
+        help="optimizer whose state counts in memory (default sgd)",
+    )
     methods = parser.add_argument_group("methods")
-    methods.add_argument("--replication", action="store_true",
-                         help="pipedream: allow data-parallel replicas of a stage (-p is then the device count)")
-    methods.add_argument("--server_file", default=None, help="pipedream: heterogeneous devices, SparsePipe format")
-    methods.add_argument("--metis_attempts", type=int, default=10, help="metis: seeds to try (default 10)")
-    methods.add_argument("--metis_seed", type=int, default=None, help="metis: first seed (default --seed)")
+    methods.add_argument(
+        "--replication",
+        action="store_true",
+        help="pipedream: allow data-parallel replicas of a stage (-p is then the device count)",
+    )
+    methods.add_argument(
+        "--server_file", default=None, help="pipedream: heterogeneous devices, SparsePipe format"
+    )
+    methods.add_argument(
+        "--metis_attempts", type=int, default=10, help="metis: seeds to try (default 10)"
+    )
+    methods.add_argument(
+        "--metis_seed", type=int, default=None, help="metis: first seed (default --seed)"
+    )
     output = parser.add_argument_group("analysis")
     output.add_argument("--no_analysis", action="store_true", help="skip the analysis")
-    output.add_argument("--analysis_only", action="store_true", help="print the analysis, write no file")
-    output.add_argument("--dot", default=None, metavar="PATH",
-                        help="write a picture of the partitioned graph: PATH.dot (Graphviz) and PATH.svg")
+    output.add_argument(
+        "--analysis_only", action="store_true", help="print the analysis, write no file"
+    )
+    output.add_argument(
+        "--dot",
+        default=None,
+        metavar="PATH",
+        help="write a picture of the partitioned graph: PATH.dot (Graphviz) and PATH.svg",
+    )
 
 
 def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
@@ -102,7 +198,9 @@ def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
     n_stages = args.n_partitions
     if args.num_devices:
         if len(args.bw) != len(args.num_devices):
-            raise UserError(f"-n names {len(args.num_devices)} levels, --bw gives {len(args.bw)} bandwidths")
+            raise UserError(
+                f"-n names {len(args.num_devices)} levels, --bw gives {len(args.bw)} bandwidths"
+            )
         levels = tuple(Level(count, bw) for count, bw in zip(args.num_devices, args.bw))
         n_stages = math.prod(args.num_devices)
     elif len(args.bw) != 1:
@@ -120,18 +218,31 @@ def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
         optimizer_slots=OPTIMIZER_SLOTS[args.optimizer],
         recomputation=not args.no_recomputation,
     )
-    seed = args.metis_seed if args.metis_seed is not None and args.partitioning_method == "metis" else args.seed
+    seed = (
+        args.metis_seed
+        if args.metis_seed is not None and args.partitioning_method == "metis"
+        else args.seed
+    )
     return n_stages, PartitionOptions(
-        seed=seed, cost=cost, replication=args.replication, levels=levels, devices=devices,
+        seed=seed,
+        cost=cost,
+        replication=args.replication,
+        levels=levels,
+        devices=devices,
         metis_attempts=args.metis_attempts,
     )
 
 
 def profile_settings(args: argparse.Namespace) -> ProfileSettings:
     return ProfileSettings(
-        mode=args.profile, device=args.device, device_spec=args.device_spec,
-        recomputation=not args.no_recomputation, save_memory_mode=args.save_memory_mode,
-        cache_name=args.profiles_cache_name, overwrite_cache=args.overwrite_profiles_cache, progress=True,
+        mode=args.profile,
+        device=args.device,
+        device_spec=args.device_spec,
+        recomputation=not args.no_recomputation,
+        save_memory_mode=args.save_memory_mode,
+        cache_name=args.profiles_cache_name,
+        overwrite_cache=args.overwrite_profiles_cache,
+        progress=True,
     )
 
 
@@ -145,16 +256,29 @@ def load_task(args: argparse.Namespace) -> Task:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     command = "python -m autopipe.partition " + shlex.join(argv)
     try:
         n_stages, options = partition_options(args)
         task = load_task(args)
         result = compile(
-            task.model, task.example_inputs, n_stages, method=args.partitioning_method,
-            output=args.output, name=task.name, depth=args.depth, basic_blocks=args.basic_blocks,
-            seed=args.seed, options=options, profiling=profile_settings(args),
-            analysis=not args.no_analysis, write=not args.analysis_only, command=command,
+            task.model,
+            task.example_inputs,
+            n_stages,
+            method=args.partitioning_method,
+            output=args.output,
+            name=task.name,
+            depth=args.depth,
+            basic_blocks=args.basic_blocks,
+            seed=args.seed,
+            options=options,
+            profiling=profile_settings(args),
+            analysis=not args.no_analysis,
+            write=not args.analysis_only,
+            command=command,
         )
         if result.analysis is not None:
             print(result.analysis.table())

@@ -155,11 +155,15 @@ def _fresh(value: Any, device: torch.device | None) -> tuple[Any, list[torch.Ten
 
 def _non_leaf(value: Any) -> Any:
     """Leaves that require grad replaced by clones, which in-place ops may write into."""
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t, value)
+    return tree_map(
+        lambda t: t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t, value
+    )
 
 
 @contextlib.contextmanager
-def _substituted_state(root: nn.Module, replace: Callable[[torch.Tensor, bool], torch.Tensor]) -> Iterator[None]:
+def _substituted_state(
+    root: nn.Module, replace: Callable[[torch.Tensor, bool], torch.Tensor]
+) -> Iterator[None]:
     """Temporarily put ``replace(tensor, is_buffer)`` in place of every parameter and buffer
     under ``root``, so a profile runs on copies (or fakes) and the model itself is untouched.
 
@@ -260,7 +264,12 @@ class _NodeInterpreter(fx.Interpreter):
         return targets
 
     def run_with_fresh_inputs(
-        self, n: fx.Node, args: tuple, kwargs: dict, device: torch.device | None, inplace: bool,
+        self,
+        n: fx.Node,
+        args: tuple,
+        kwargs: dict,
+        device: torch.device | None,
+        inplace: bool,
         timer: Callable[[Callable[[], Any]], tuple[float, Any]] | None = None,
     ) -> _Run:
         """Run ``n`` once on fresh copies of its inputs, timed by ``timer`` when given.
@@ -293,12 +302,15 @@ def _differentiable_outputs(out: Any) -> list[torch.Tensor]:
 # Analytical profile ---------------------------------------------------------------------------
 
 
-def _sdpa_cpu_forward(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+def _sdpa_cpu_forward(
+    query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+) -> int:
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _sdpa_cpu_backward(grad_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
-                       **kwargs: Any) -> int:
+def _sdpa_cpu_backward(
+    grad_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+) -> int:
     return flop_counter.sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
 
 
@@ -327,8 +339,14 @@ def _shares_memory(t: torch.Tensor, others: list[torch.Tensor]) -> bool:
 class _FlopInterpreter(_NodeInterpreter):
     """Counts each node's FLOPs and bytes moved, forward and backward, and prices them."""
 
-    def __init__(self, module: fx.GraphModule, graph: nx.DiGraph, device: DeviceSpec, recomputation: bool,
-                 counter: FlopCounterMode) -> None:
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        graph: nx.DiGraph,
+        device: DeviceSpec,
+        recomputation: bool,
+        counter: FlopCounterMode,
+    ) -> None:
         super().__init__(module, graph)
         self.device = device
         self.recomputation = recomputation
@@ -345,7 +363,9 @@ class _FlopInterpreter(_NodeInterpreter):
         module = self.fetch_attr(str(n.target)) if n.op == "call_module" else None
         state = _module_state(module) if module is not None else []
         written = [t for t in outputs if inplace or not _shares_memory(t, run.handed + state)]
-        if forward_flops == 0 and not written:  # a view, a getitem, a size: nothing computed or copied
+        if (
+            forward_flops == 0 and not written
+        ):  # a view, a getitem, a size: nothing computed or copied
             self.profiles[n.name] = _ZERO
             return _keep(run.out)
         state_bytes = _nbytes(state)
@@ -366,8 +386,13 @@ class _FlopInterpreter(_NodeInterpreter):
         self.profiles[n.name] = NodeProfile(forward_ms, backward_ms, None)
         return _keep(run.out)
 
-    def _backward_flops(self, n: fx.Node, outputs: list[torch.Tensor], targets: list[torch.Tensor],
-                        forward_flops: int) -> int:
+    def _backward_flops(
+        self,
+        n: fx.Node,
+        outputs: list[torch.Tensor],
+        targets: list[torch.Tensor],
+        forward_flops: int,
+    ) -> int:
         """FLOPs of the node's backward, or twice its forward where autograd cannot run."""
         before = self.counter.get_total_flops()
         try:
@@ -392,8 +417,9 @@ def _fake_copy(mode: FakeTensorMode) -> Callable[[torch.Tensor, bool], torch.Ten
     return replace
 
 
-def _run_flops(traced: TraceResult, graph: nx.DiGraph, device: DeviceSpec, recomputation: bool,
-               fake: bool) -> dict[str, NodeProfile]:
+def _run_flops(
+    traced: TraceResult, graph: nx.DiGraph, device: DeviceSpec, recomputation: bool, fake: bool
+) -> dict[str, NodeProfile]:
     module = traced.graph_module
     counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
     context: contextlib.AbstractContextManager[Any]
@@ -412,8 +438,9 @@ def _run_flops(traced: TraceResult, graph: nx.DiGraph, device: DeviceSpec, recom
     return interpreter.profiles
 
 
-def profile_flops(traced: TraceResult, graph: nx.DiGraph, device: DeviceSpec,
-                  recomputation: bool = True) -> dict[str, NodeProfile]:
+def profile_flops(
+    traced: TraceResult, graph: nx.DiGraph, device: DeviceSpec, recomputation: bool = True
+) -> dict[str, NodeProfile]:
     """Predict every node's forward and backward time on ``device`` from FLOPs and bytes.
 
     Each node runs on fake tensors under ``FlopCounterMode``: its forward FLOPs, then its
@@ -433,7 +460,12 @@ def profile_flops(traced: TraceResult, graph: nx.DiGraph, device: DeviceSpec,
         profiles = _run_flops(traced, graph, device, recomputation, fake=False)
     total_forward = sum(p.forward_ms for p in profiles.values())
     total_backward = sum(p.backward_ms for p in profiles.values())
-    log.info("predicted on %s: forward %.3f ms, backward %.3f ms", device.name, total_forward, total_backward)
+    log.info(
+        "predicted on %s: forward %.3f ms, backward %.3f ms",
+        device.name,
+        total_forward,
+        total_backward,
+    )
     return profiles
 
 
@@ -497,8 +529,17 @@ class _Stopwatch:
 class _MeasuringInterpreter(_NodeInterpreter):
     """Times each node forward and backward on real tensors."""
 
-    def __init__(self, module: fx.GraphModule, graph: nx.DiGraph, device: torch.device, warmup: int,
-                 repeats: int, recomputation: bool, save_memory_mode: bool, bar: tqdm) -> None:
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        graph: nx.DiGraph,
+        device: torch.device,
+        warmup: int,
+        repeats: int,
+        recomputation: bool,
+        save_memory_mode: bool,
+        bar: tqdm,
+    ) -> None:
         super().__init__(module, graph)
         self.device = device
         self.warmup = warmup
@@ -523,7 +564,9 @@ class _MeasuringInterpreter(_NodeInterpreter):
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
             for repetition in range(self.warmup + self.repeats):
-                run = self.run_with_fresh_inputs(n, args, kwargs, self.device, inplace, self.stopwatch)
+                run = self.run_with_fresh_inputs(
+                    n, args, kwargs, self.device, inplace, self.stopwatch
+                )
                 backward_ms = self._time_backward(n, run.out, run.targets)
                 if repetition >= self.warmup:
                     forward.append(run.elapsed_ms)
@@ -534,7 +577,9 @@ class _MeasuringInterpreter(_NodeInterpreter):
             kept = _keep(run.out, torch.device("cpu") if self.save_memory_mode else None)
         forward_time = statistics.median(forward)
         backward_time = statistics.median(backward) + (forward_time if self.recomputation else 0.0)
-        self.profiles[n.name] = NodeProfile(forward_time, backward_time, max(0, peak) if peak is not None else None)
+        self.profiles[n.name] = NodeProfile(
+            forward_time, backward_time, max(0, peak) if peak is not None else None
+        )
         return kept
 
     def _node_state(self, n: fx.Node) -> contextlib.AbstractContextManager[None]:
@@ -552,7 +597,8 @@ class _MeasuringInterpreter(_NodeInterpreter):
         grads = [torch.randn_like(t) for t in outputs]
         try:
             elapsed, _ = self.stopwatch(
-                lambda: torch.autograd.grad(outputs, targets, grads, allow_unused=True))
+                lambda: torch.autograd.grad(outputs, targets, grads, allow_unused=True)
+            )
         except RuntimeError as error:
             log.warning("cannot run the backward of %s (%s); counting it as 0", n.name, error)
             return 0.0
@@ -584,23 +630,38 @@ def profile_measured(
     """
     target = _resolve_device(device)
     if repeats < 1 or warmup < 0:
-        raise UserError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+        raise UserError(
+            f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}"
+        )
     module = traced.graph_module
     home = torch.device("cpu") if save_memory_mode else target
-    inputs = [t.detach().to(home, copy=True) if isinstance(t, torch.Tensor) else t for t in traced.inputs]
+    inputs = [
+        t.detach().to(home, copy=True) if isinstance(t, torch.Tensor) else t for t in traced.inputs
+    ]
     rng_devices = [target.index] if target.type == "cuda" else []
-    with tqdm(total=len(module.graph.nodes), desc=f"profiling on {target}", unit="node",
-              disable=not progress, leave=False) as bar:
-        interpreter = _MeasuringInterpreter(module, graph, target, warmup, repeats, recomputation,
-                                            save_memory_mode, bar)
+    with tqdm(
+        total=len(module.graph.nodes),
+        desc=f"profiling on {target}",
+        unit="node",
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        interpreter = _MeasuringInterpreter(
+            module, graph, target, warmup, repeats, recomputation, save_memory_mode, bar
+        )
         # Events and peak statistics belong to the current CUDA device: make it the target.
         on_device = torch.cuda.device(target) if target.type == "cuda" else contextlib.nullcontext()
-        with on_device, torch.random.fork_rng(devices=rng_devices), \
-                _substituted_state(module, _private_copy(None if save_memory_mode else target)):
+        with on_device, torch.random.fork_rng(devices=rng_devices), _substituted_state(
+            module, _private_copy(None if save_memory_mode else target)
+        ):
             interpreter.run(*inputs)
     profiles = interpreter.profiles
-    log.info("measured on %s: forward %.3f ms, backward %.3f ms", target,
-             sum(p.forward_ms for p in profiles.values()), sum(p.backward_ms for p in profiles.values()))
+    log.info(
+        "measured on %s: forward %.3f ms, backward %.3f ms",
+        target,
+        sum(p.forward_ms for p in profiles.values()),
+        sum(p.backward_ms for p in profiles.values()),
+    )
     return profiles
 
 
@@ -624,7 +685,9 @@ def _batch_size(traced: TraceResult) -> int | None:
     return None
 
 
-def cache_key(traced: TraceResult, graph: nx.DiGraph, device: str, recomputation: bool, repeats: int) -> str:
+def cache_key(
+    traced: TraceResult, graph: nx.DiGraph, device: str, recomputation: bool, repeats: int
+) -> str:
     """A sha256 over what a measured profile depends on: every node's op, target, inputs,
     output shape and dtype, the batch size, the device's hardware name, the recomputation
     flag and the number of timed repeats."""
@@ -635,9 +698,16 @@ def cache_key(traced: TraceResult, graph: nx.DiGraph, device: str, recomputation
         data = graph.nodes[node.name] if node.name in graph else {}
         value = data.get("value")
         target = data.get("target", str(node.target))
-        nodes.append([node.name, node.op, target, [i.name for i in node.all_input_nodes],
-                      list(value.shape) if value is not None and value.shape is not None else None,
-                      value.dtype if value is not None else None])
+        nodes.append(
+            [
+                node.name,
+                node.op,
+                target,
+                [i.name for i in node.all_input_nodes],
+                list(value.shape) if value is not None and value.shape is not None else None,
+                value.dtype if value is not None else None,
+            ]
+        )
     described = {
         "format": _CACHE_FORMAT,
         "nodes": nodes,
@@ -660,9 +730,14 @@ def _read_cache(path: Path, graph: nx.DiGraph) -> dict[str, NodeProfile] | None:
         payload = json.loads(path.read_text())
         if payload.get("format") != _CACHE_FORMAT:
             raise ValueError(f"format {payload.get('format')!r}")
-        profiles = {name: NodeProfile(float(p["forward_ms"]), float(p["backward_ms"]),
-                                      None if p["peak_bytes"] is None else int(p["peak_bytes"]))
-                    for name, p in payload["profiles"].items()}
+        profiles = {
+            name: NodeProfile(
+                float(p["forward_ms"]),
+                float(p["backward_ms"]),
+                None if p["peak_bytes"] is None else int(p["peak_bytes"]),
+            )
+            for name, p in payload["profiles"].items()
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         log.warning("ignoring the unreadable profile cache %s (%s)", path, error)
         return None
@@ -677,7 +752,11 @@ def _write_cache(path: Path, profiles: dict[str, NodeProfile], about: dict[str, 
     """Write atomically: a temporary file in the same folder, then a rename over ``path``, so
     a reader never sees half a file and concurrent writers leave one whole one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": _CACHE_FORMAT, **about, "profiles": {n: asdict(p) for n, p in profiles.items()}}
+    payload = {
+        "format": _CACHE_FORMAT,
+        **about,
+        "profiles": {n: asdict(p) for n, p in profiles.items()},
+    }
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as file:
@@ -713,7 +792,9 @@ def profile(
     """
     if mode == "flops":
         if device_spec not in DEVICES:
-            raise UserError(f"unknown device spec {device_spec!r}; choose from {', '.join(DEVICES)}")
+            raise UserError(
+                f"unknown device spec {device_spec!r}; choose from {', '.join(DEVICES)}"
+            )
         return profile_flops(traced, graph, DEVICES[device_spec], recomputation)
     if mode != "measured":
         raise UserError(f"unknown profiling mode {mode!r}; choose 'flops' or 'measured'")
@@ -726,10 +807,22 @@ def profile(
         if cached is not None:
             log.info("using the cached profile %s", path)
             return cached
-    profiles = profile_measured(traced, graph, device=device, repeats=repeats, recomputation=recomputation,
-                                save_memory_mode=save_memory_mode, progress=progress)
-    about = {"key": key, "device": device_name(device), "batch_size": _batch_size(traced),
-             "recomputation": recomputation, "repeats": repeats}
+    profiles = profile_measured(
+        traced,
+        graph,
+        device=device,
+        repeats=repeats,
+        recomputation=recomputation,
+        save_memory_mode=save_memory_mode,
+        progress=progress,
+    )
+    about = {
+        "key": key,
+        "device": device_name(device),
+        "batch_size": _batch_size(traced),
+        "recomputation": recomputation,
+        "repeats": repeats,
+    }
     _write_cache(path, profiles, about)
     log.info("wrote the profile cache %s", path)
     return profiles

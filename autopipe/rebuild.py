@@ -28,7 +28,9 @@ from autopipe.trace import CONTAINERS
 _SKIPPED_PARAMETERS = frozenset({"device", "dtype"})
 
 
-_recorded: "weakref.WeakKeyDictionary[nn.Module, tuple[list[Any], dict[str, Any]]]" = weakref.WeakKeyDictionary()
+_recorded: "weakref.WeakKeyDictionary[nn.Module, tuple[list[Any], dict[str, Any]]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @contextlib.contextmanager
@@ -92,19 +94,28 @@ class Imports:
             raise UserError(f"cannot name the function {fn!r} in generated code")
         if getattr(builtins, name, None) is fn:
             return name
-        for alias, namespace in (("F", nn.functional), ("torch", torch), ("operator", operator), ("math", math)):
+        for alias, namespace in (
+            ("F", nn.functional),
+            ("torch", torch),
+            ("operator", operator),
+            ("math", math),
+        ):
             if getattr(namespace, name, None) is fn:
                 if alias in ("operator", "math"):
                     self.lines.add(f"import {alias}")
                 return f"{alias}.{name}"
         module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", name)
         if module is None or "<" in qualname:
-            raise UserError(f"cannot name the function {fn!r} in generated code: define it at module level")
+            raise UserError(
+                f"cannot name the function {fn!r} in generated code: define it at module level"
+            )
         self.lines.add(f"import {module}")
         return f"{module}.{qualname}"
 
 
-def literal(value: Any, imports: Imports, name_of: Callable[[Any], str | None] = lambda v: None) -> str:
+def literal(
+    value: Any, imports: Imports, name_of: Callable[[Any], str | None] = lambda v: None
+) -> str:
     """Python source for a constant; ``name_of`` names values that are variables."""
     named = name_of(value)
     if named is not None:
@@ -123,7 +134,10 @@ def literal(value: Any, imports: Imports, name_of: Callable[[Any], str | None] =
     if isinstance(value, list):
         return f"[{', '.join(literal(v, imports, name_of) for v in value)}]"
     if isinstance(value, dict):
-        body = ", ".join(f"{literal(k, imports, name_of)}: {literal(v, imports, name_of)}" for k, v in value.items())
+        body = ", ".join(
+            f"{literal(k, imports, name_of)}: {literal(v, imports, name_of)}"
+            for k, v in value.items()
+        )
         return f"{{{body}}}"
     if isinstance(value, slice):
         parts = (literal(v, imports, name_of) for v in (value.start, value.stop, value.step))
@@ -138,7 +152,9 @@ def literal(value: Any, imports: Imports, name_of: Callable[[Any], str | None] =
         return imports.name_of_class(value)
     if callable(value):
         return imports.name_of_function(value)
-    raise UserError(f"cannot write the constant {value!r} ({type(value).__name__}) in generated code")
+    raise UserError(
+        f"cannot write the constant {value!r} ({type(value).__name__}) in generated code"
+    )
 
 
 def _arguments_from_attributes(module: nn.Module) -> tuple[list[Any], dict[str, Any]] | None:
@@ -149,7 +165,11 @@ def _arguments_from_attributes(module: nn.Module) -> tuple[list[Any], dict[str, 
         return None
     kwargs: dict[str, Any] = {}
     for name, p in list(parameters.items())[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name.startswith("_") or name in _SKIPPED_PARAMETERS:
+        if (
+            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            or name.startswith("_")
+            or name in _SKIPPED_PARAMETERS
+        ):
             continue
         if name == "bias" and isinstance(getattr(module, "bias", None), (torch.Tensor, type(None))):
             kwargs[name] = getattr(module, "bias", None) is not None
@@ -171,7 +191,9 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _shorten(cls: type, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+def _shorten(
+    cls: type, args: list[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
     """Drop arguments equal to their defaults; pass leading required ones positionally."""
     try:
         parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
@@ -181,7 +203,11 @@ def _shorten(cls: type, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[A
     kwargs = {k: v for k, v in kwargs.items() if not (k in defaults and _same(v, defaults[k]))}
     if not args:
         for p in parameters:
-            if p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is not p.empty or p.name not in kwargs:
+            if (
+                p.kind is not p.POSITIONAL_OR_KEYWORD
+                or p.default is not p.empty
+                or p.name not in kwargs
+            ):
                 break
             args.append(kwargs.pop(p.name))
     return args, kwargs
@@ -197,7 +223,9 @@ def _call(cls: type, args: list[Any], kwargs: dict[str, Any], imports: Imports) 
 
 def _container(module: nn.Module, imports: Imports) -> str:
     children = list(module.named_children())
-    if isinstance(module, nn.Sequential) and all(name == str(i) for i, (name, _) in enumerate(children)):
+    if isinstance(module, nn.Sequential) and all(
+        name == str(i) for i, (name, _) in enumerate(children)
+    ):
         return f"nn.Sequential({', '.join(constructor(c, imports) for _, c in children)})"
     if isinstance(module, nn.ModuleList):
         return f"nn.ModuleList([{', '.join(constructor(c, imports) for _, c in children)}])"
@@ -211,13 +239,17 @@ def _container(module: nn.Module, imports: Imports) -> str:
 def constructor(module: nn.Module, imports: Imports) -> str:
     """Source that builds a module like ``module`` (fresh weights, same hyperparameters)."""
     cls = type(module)
-    if isinstance(module, CONTAINERS) and not isinstance(module, (nn.ParameterList, nn.ParameterDict)):
+    if isinstance(module, CONTAINERS) and not isinstance(
+        module, (nn.ParameterList, nn.ParameterDict)
+    ):
         return _container(module, imports)
     source = None
     for arguments in (_recorded.get(module), _arguments_from_attributes(module)):
         if arguments is None:
             continue
-        args, kwargs = list(arguments[0]), {k: v for k, v in arguments[1].items() if k not in _SKIPPED_PARAMETERS}
+        args, kwargs = list(arguments[0]), {
+            k: v for k, v in arguments[1].items() if k not in _SKIPPED_PARAMETERS
+        }
         try:
             source = _call(cls, args, kwargs, imports)
             break
@@ -238,9 +270,13 @@ def check_rebuilt(path: str, module: nn.Module, source: str, namespace: dict[str
     """Build ``source`` on the meta device and compare it with the original module."""
     try:
         with torch.device("meta"):
-            rebuilt = eval(source, namespace)  # noqa: S307 - source is generated here, from literals
+            rebuilt = eval(
+                source, namespace
+            )  # noqa: S307 - source is generated here, from literals
     except Exception as error:
-        raise UserError(f"rebuilding {path} ({type(module).__name__}) from {source[:80]} failed: {error}") from error
+        raise UserError(
+            f"rebuilding {path} ({type(module).__name__}) from {source[:80]} failed: {error}"
+        ) from error
     expected = {k: (tuple(t.shape), t.dtype) for k, t in module.state_dict().items()}
     found = {k: (tuple(t.shape), t.dtype) for k, t in rebuilt.state_dict().items()}
     if expected != found or repr(rebuilt) != repr(module):

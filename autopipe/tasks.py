@@ -29,11 +29,15 @@ class Task:
     example_inputs: ExampleInputs
 
 
-def zoo_task(family: str, model: str, batch_size: int, size: int | None = None, seed: int = 0) -> Task:
+def zoo_task(
+    family: str, model: str, batch_size: int, size: int | None = None, seed: int = 0
+) -> Task:
     """Build zoo model ``model`` with a batch of ``batch_size`` inputs of ``size`` (crop or length)."""
     models = FAMILIES[family]
     if model not in models:
-        raise UserError(f"unknown {family} model {model!r}; choose from {', '.join(sorted(models))}")
+        raise UserError(
+            f"unknown {family} model {model!r}; choose from {', '.join(sorted(models))}"
+        )
     if batch_size < 1:
         raise UserError(f"the batch size must be at least 1, got {batch_size}")
     spec = models[model]
@@ -62,7 +66,9 @@ def custom_task(reference: str, seed: int = 0) -> Task:
     with record_init_args():
         result = factory()
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
-        raise UserError(f"{name}() must return (model, example_inputs), got {type(result).__name__}")
+        raise UserError(
+            f"{name}() must return (model, example_inputs), got {type(result).__name__}"
+        )
     model, inputs = result
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)

@@ -22,14 +22,18 @@ from autopipe.profile import annotate, profile
 from autopipe.tasks import FAMILIES, zoo_task
 from autopipe.trace import trace
 
-FULL_SIZE = [name for family in FAMILIES.values() for name, spec in family.items() if spec.published_params]
+FULL_SIZE = [
+    name for family in FAMILIES.values() for name, spec in family.items() if spec.published_params
+]
 
 
 def _family(model: str) -> str:
     return next(family for family, models in FAMILIES.items() if model in models)
 
 
-def measure(model: str, mode: str, batch: int, stages: list[int], methods: list[str], bandwidth: float) -> list[dict]:
+def measure(
+    model: str, mode: str, batch: int, stages: list[int], methods: list[str], bandwidth: float
+) -> list[dict]:
     """One row per (p, method) for ``model`` profiled by ``mode``."""
     task = zoo_task(_family(model), model, batch)
     traced = trace(task.model, task.example_inputs)
@@ -44,9 +48,19 @@ def measure(model: str, mode: str, batch: int, stages: list[int], methods: list[
             seconds = time.perf_counter() - start
             slowest = max(c.time_ms for c in result.costs)
             bound = lower_bound_ms(result.coarse, p)
-            rows.append(dict(model=model, profile=mode, p=p, method=method, ratio=slowest / bound,
-                             comm_mb=sum(c.send_bytes for c in result.costs) / 1e6, seconds=seconds,
-                             nodes=result.coarse.number_of_nodes(), slowest_ms=slowest))
+            rows.append(
+                dict(
+                    model=model,
+                    profile=mode,
+                    p=p,
+                    method=method,
+                    ratio=slowest / bound,
+                    comm_mb=sum(c.send_bytes for c in result.costs) / 1e6,
+                    seconds=seconds,
+                    nodes=result.coarse.number_of_nodes(),
+                    slowest_ms=slowest,
+                )
+            )
     return rows
 
 
@@ -60,27 +74,37 @@ def main() -> None:
     parser.add_argument("--bw", type=float, default=12.0, help="link bandwidth, GB/s (default 12)")
     args = parser.parse_args()
     modes = ["flops", "measured"] if args.profile == "both" else [args.profile]
-    print(f"{'model':<24} {'profile':<9} {'p':>2} {'method':<10} {'slowest/bound':>13} {'comm MB':>9} "
-          f"{'seconds':>8} {'nodes':>6}")
+    print(
+        f"{'model':<24} {'profile':<9} {'p':>2} {'method':<10} {'slowest/bound':>13} {'comm MB':>9} "
+        f"{'seconds':>8} {'nodes':>6}"
+    )
     rows = []
     for mode in modes:
         for model in args.models:
             for row in measure(model, mode, args.batch_size, args.stages, args.methods, args.bw):
                 rows.append(row)
-                print(f"{row['model']:<24} {row['profile']:<9} {row['p']:>2} {row['method']:<10} "
-                      f"{row['ratio']:>13.3f} {row['comm_mb']:>9.2f} {row['seconds']:>8.3f} {row['nodes']:>6}",
-                      flush=True)
+                print(
+                    f"{row['model']:<24} {row['profile']:<9} {row['p']:>2} {row['method']:<10} "
+                    f"{row['ratio']:>13.3f} {row['comm_mb']:>9.2f} {row['seconds']:>8.3f} {row['nodes']:>6}",
+                    flush=True,
+                )
     print()
     for mode in modes:
         for method in ("acyclic", "pipedream"):
             if method not in args.methods or "params" not in args.methods:
                 continue
             for model in args.models:
-                at_4 = {r["method"]: r for r in rows if r["model"] == model and r["profile"] == mode and r["p"] == 4}
+                at_4 = {
+                    r["method"]: r
+                    for r in rows
+                    if r["model"] == model and r["profile"] == mode and r["p"] == 4
+                }
                 if method in at_4 and "params" in at_4:
                     gain = 1 - at_4[method]["slowest_ms"] / at_4["params"]["slowest_ms"]
-                    print(f"{mode:<9} p=4 {model:<24} {method:<10} slowest stage {gain:+.1%} vs params "
-                          f"(ratio to bound {at_4[method]['ratio']:.3f} vs {at_4['params']['ratio']:.3f})")
+                    print(
+                        f"{mode:<9} p=4 {model:<24} {method:<10} slowest stage {gain:+.1%} vs params "
+                        f"(ratio to bound {at_4[method]['ratio']:.3f} vs {at_4['params']['ratio']:.3f})"
+                    )
 
 
 if __name__ == "__main__":

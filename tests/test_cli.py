@@ -21,7 +21,17 @@ def test_custom_task_with_fallback_leaf_passes_the_sanity_check(
 ) -> None:
     output = tmp_path / "two_tower.py"
     code, out, err = _run(
-        ["custom", "--task", f"{user_models_file}:two_tower", "-p", "3", "-o", str(output), "--sanity_check"], capsys
+        [
+            "custom",
+            "--task",
+            f"{user_models_file}:two_tower",
+            "-p",
+            "3",
+            "-o",
+            str(output),
+            "--sanity_check",
+        ],
+        capsys,
     )
     assert code == 0, err
     assert "sanity check passed" in out
@@ -38,12 +48,20 @@ def test_custom_task_with_fallback_leaf_passes_the_sanity_check(
         (["vision", "--model", "vgg_tiny", "-p", "500", "-b", "2"], "500 stages is more than that"),
         (["custom", "--task", "missing.py:build"], "missing.py does not exist"),
         (["custom", "--task", "{assets}/user_models.py:untraceable"], "user_models.py:"),
-        (["custom", "--task", "{assets}/user_models.py:not_a_task"], "must return (model, example_inputs)"),
-        (["custom", "--task", "{assets}/user_models.py:nothing_here"], "has no callable 'nothing_here'"),
+        (
+            ["custom", "--task", "{assets}/user_models.py:not_a_task"],
+            "must return (model, example_inputs)",
+        ),
+        (
+            ["custom", "--task", "{assets}/user_models.py:nothing_here"],
+            "has no callable 'nothing_here'",
+        ),
         (["vision", "--model", "vgg_tiny", "-b", "0"], "batch size must be at least 1"),
     ],
 )
-def test_user_errors_are_one_line(argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch) -> None:
+def test_user_errors_are_one_line(
+    argv: list[str], message: str, capsys, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     argv = [a.replace("{assets}", str(REPO / "tests" / "assets")) for a in argv]
     code, out, err = _run(argv, capsys)
@@ -56,7 +74,11 @@ def test_user_errors_are_one_line(argv: list[str], message: str, capsys, tmp_pat
 def test_a_user_error_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
     process = subprocess.run(
         [sys.executable, "-m", "autopipe.partition", "nlp", "--model", "gpt3"],
-        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": ""},
+        timeout=120,
     )
     assert process.returncode == 2
     assert process.stderr.startswith("autopipe: error: unknown nlp model 'gpt3'")
@@ -65,7 +87,9 @@ def test_a_user_error_exits_non_zero_without_a_traceback(tmp_path: Path) -> None
 
 def test_zoo_model_writes_the_default_file_name(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    code, out, _ = _run(["nlp", "--model", "bert_tiny", "-p", "2", "-b", "2", "--seq_len", "16"], capsys)
+    code, out, _ = _run(
+        ["nlp", "--model", "bert_tiny", "-p", "2", "-b", "2", "--seq_len", "16"], capsys
+    )
     assert code == 0
     assert (tmp_path / "generated_models" / "bert_tiny_s16_p2_acyclic.py").is_file()
     assert "wrote generated_models/bert_tiny_s16_p2_acyclic.py" in out
@@ -73,28 +97,61 @@ def test_zoo_model_writes_the_default_file_name(tmp_path: Path, capsys, monkeypa
 
 def test_analysis_is_printed_and_embedded(tmp_path: Path, capsys) -> None:
     output = tmp_path / "vgg.py"
-    code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "-o", str(output),
-                         "--microbatches", "8"], capsys)
+    code, out, _ = _run(
+        [
+            "vision",
+            "--model",
+            "vgg_tiny",
+            "-p",
+            "2",
+            "-b",
+            "4",
+            "-o",
+            str(output),
+            "--microbatches",
+            "8",
+        ],
+        capsys,
+    )
     assert code == 0
     assert "lower bound" in out and "1f1b with 8 microbatches" in out
     docstring = output.read_text().split('"""')[1]
     assert "Analysis (predicted)" in docstring and "gpipe with 8 microbatches" in docstring
 
 
-def test_analysis_only_writes_nothing_and_no_analysis_prints_none(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_analysis_only_writes_nothing_and_no_analysis_prints_none(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "--analysis_only"], capsys)
+    code, out, _ = _run(
+        ["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "--analysis_only"], capsys
+    )
     assert code == 0 and "lower bound" in out and "wrote" not in out
     assert not (tmp_path / "generated_models").exists()
-    code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "--no_analysis"], capsys)
+    code, out, _ = _run(
+        ["vision", "--model", "vgg_tiny", "-p", "2", "-b", "4", "--no_analysis"], capsys
+    )
     assert code == 0 and "lower bound" not in out
     source = (tmp_path / "generated_models" / "vgg_tiny_c32_p2_acyclic.py").read_text()
     assert "Analysis (predicted)" not in source
 
 
 def test_dot_writes_graphviz_and_svg(tmp_path: Path, capsys) -> None:
-    code, out, _ = _run(["vision", "--model", "vgg_tiny", "-p", "3", "-b", "2", "--analysis_only",
-                         "--dot", str(tmp_path / "picture")], capsys)
+    code, out, _ = _run(
+        [
+            "vision",
+            "--model",
+            "vgg_tiny",
+            "-p",
+            "3",
+            "-b",
+            "2",
+            "--analysis_only",
+            "--dot",
+            str(tmp_path / "picture"),
+        ],
+        capsys,
+    )
     assert code == 0
     dot = (tmp_path / "picture.dot").read_text()
     assert dot.startswith("digraph partition") and "cluster_2" in dot and "label=" in dot
@@ -110,7 +167,11 @@ def test_dot_writes_graphviz_and_svg(tmp_path: Path, capsys) -> None:
         (["--microbatches", "0"], "--microbatches must be at least 1"),
     ],
 )
-def test_cost_flag_mistakes_are_one_line(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
-    code, _, err = _run(["vision", "--model", "vgg_tiny", "-p", "2", "-b", "2", "--analysis_only", *argv], capsys)
+def test_cost_flag_mistakes_are_one_line(
+    argv: list[str], message: str, capsys, tmp_path: Path
+) -> None:
+    code, _, err = _run(
+        ["vision", "--model", "vgg_tiny", "-p", "2", "-b", "2", "--analysis_only", *argv], capsys
+    )
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1

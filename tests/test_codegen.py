@@ -30,7 +30,14 @@ class Skip(nn.Module):
         return y + first
 
 
-def _compile(tmp_path: Path, model: nn.Module, inputs, n_stages: int, name: str = "out.py", method: str = "acyclic"):
+def _compile(
+    tmp_path: Path,
+    model: nn.Module,
+    inputs,
+    n_stages: int,
+    name: str = "out.py",
+    method: str = "acyclic",
+):
     return autopipe.compile(model, inputs, n_stages, method=method, output=tmp_path / name)
 
 
@@ -90,7 +97,10 @@ def test_pipeline_describes_how_stages_connect(tmp_path: Path) -> None:
     skip = "layers_0"
     assert skip in stages[0]["outputs"] and skip in stages[2]["inputs"]
     assert skip not in stages[1]["inputs"]
-    assert 2 in stages[0]["values"][skip]["consumers"] and 1 not in stages[0]["values"][skip]["consumers"]
+    assert (
+        2 in stages[0]["values"][skip]["consumers"]
+        and 1 not in stages[0]["values"][skip]["consumers"]
+    )
     result.verify()
 
 
@@ -109,8 +119,12 @@ def test_tied_weights_within_a_stage_stay_one_tensor(tmp_path: Path) -> None:
     assert result.pipeline["tied_parameters"] == []
 
 
-@pytest.mark.parametrize("example", sorted((REPO / "generated_models").glob("*.py")), ids=lambda p: p.name)
-def test_committed_examples_regenerate_byte_for_byte(example: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "example", sorted((REPO / "generated_models").glob("*.py")), ids=lambda p: p.name
+)
+def test_committed_examples_regenerate_byte_for_byte(
+    example: Path, tmp_path: Path, monkeypatch
+) -> None:
     header = example.read_text().splitlines()[0]
     argv = shlex.split(header.removeprefix("# python -m autopipe.partition "))
     monkeypatch.chdir(tmp_path)

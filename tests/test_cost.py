@@ -11,10 +11,20 @@ from autopipe.errors import UserError
 def _chain() -> nx.DiGraph:
     """Three contracted nodes a -> b -> c; a also feeds c (a skip)."""
     coarse = nx.DiGraph()
-    for rank, (fwd, params, acts) in enumerate([(1.0, 100, 1000), (2.0, 200, 2000), (3.0, 300, 3000)]):
-        coarse.add_node(rank, rank=rank, forward_ms=fwd, backward_ms=2 * fwd, param_bytes=params,
-                        state_bytes=params + 8, activation_bytes=acts, members=[f"n{rank}"],
-                        sends={f"n{rank}": (10_000 * (rank + 1), rank != 1)})
+    for rank, (fwd, params, acts) in enumerate(
+        [(1.0, 100, 1000), (2.0, 200, 2000), (3.0, 300, 3000)]
+    ):
+        coarse.add_node(
+            rank,
+            rank=rank,
+            forward_ms=fwd,
+            backward_ms=2 * fwd,
+            param_bytes=params,
+            state_bytes=params + 8,
+            activation_bytes=acts,
+            members=[f"n{rank}"],
+            sends={f"n{rank}": (10_000 * (rank + 1), rank != 1)},
+        )
     coarse.add_edge(0, 1, values=["n0"])
     coarse.add_edge(1, 2, values=["n1"])
     coarse.add_edge(0, 2, values=["n0"])
@@ -37,10 +47,16 @@ def test_stage_time_adds_compute_and_transfers_of_values_and_gradients() -> None
 def test_memory_depends_on_schedule_and_recomputation() -> None:
     coarse = _chain()
     stage_of = {0: 0, 1: 1, 2: 2}
-    gpipe = stage_costs(coarse, stage_of, 3, CostModel(schedule="gpipe", microbatches=8, recomputation=False))
-    one_f = stage_costs(coarse, stage_of, 3, CostModel(schedule="1f1b", microbatches=8, recomputation=False))
+    gpipe = stage_costs(
+        coarse, stage_of, 3, CostModel(schedule="gpipe", microbatches=8, recomputation=False)
+    )
+    one_f = stage_costs(
+        coarse, stage_of, 3, CostModel(schedule="1f1b", microbatches=8, recomputation=False)
+    )
     assert gpipe[0].memory_bytes - one_f[0].memory_bytes == (8 - 3) * 1000 / 8
-    recompute = stage_costs(coarse, stage_of, 3, CostModel(schedule="gpipe", microbatches=8, recomputation=True))
+    recompute = stage_costs(
+        coarse, stage_of, 3, CostModel(schedule="gpipe", microbatches=8, recomputation=True)
+    )
     assert recompute[2].memory_bytes < gpipe[2].memory_bytes
 
 
@@ -48,7 +64,12 @@ def test_memory_limit_and_bad_settings_are_user_errors() -> None:
     costs = stage_costs(_chain(), {0: 0, 1: 0, 2: 0}, 1, CostModel())
     with pytest.raises(UserError, match="stage 0 needs .* GB, the limit is"):
         check_memory(costs, CostModel(memory_limit=10.0))
-    for bad in (dict(bandwidth=0), dict(schedule="zero"), dict(microbatches=0), dict(memory_limit=-1)):
+    for bad in (
+        dict(bandwidth=0),
+        dict(schedule="zero"),
+        dict(microbatches=0),
+        dict(memory_limit=-1),
+    ):
         with pytest.raises(UserError):
             CostModel(**bad)
 
@@ -60,7 +81,9 @@ def test_lower_bound_and_pipeline_estimate() -> None:
     model = CostModel(bandwidth=1e6, microbatches=4)
     costs = stage_costs(coarse, {0: 0, 1: 1, 2: 2}, 3, model)
     per_microbatch = [c.time_ms / 4 for c in costs]
-    assert pipeline_ms(costs, (1, 1, 1), 4) == pytest.approx(3 * max(per_microbatch) + sum(per_microbatch))
+    assert pipeline_ms(costs, (1, 1, 1), 4) == pytest.approx(
+        3 * max(per_microbatch) + sum(per_microbatch)
+    )
     report = analyse(costs, (1, 1, 1), lower_bound_ms(coarse, 3), model, batch_size=32)
     assert report.single_device_ms == pytest.approx(18.0)
     assert [e.schedule for e in report.schedules] == ["gpipe", "1f1b"]

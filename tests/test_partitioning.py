@@ -43,7 +43,8 @@ def test_params_method_is_optimal_for_a_chain() -> None:
     layer_bytes = [(a * b + b) * 4 for a, b in zip(widths, widths[1:])]
     best = min(
         max(sum(layer_bytes[:i]), sum(layer_bytes[i:j]), sum(layer_bytes[j:]))
-        for i in range(1, len(layer_bytes)) for j in range(i + 1, len(layer_bytes))
+        for i in range(1, len(layer_bytes))
+        for j in range(i + 1, len(layer_bytes))
     )
     assert max(_stage_params(graph, assignment, 3)) == best
 
@@ -59,7 +60,9 @@ def test_every_stage_gets_work_and_edges_go_forward() -> None:
 def test_validation_rejects_backward_edges_and_empty_stages() -> None:
     traced, graph = _setup(_chain([4, 4, 4]), torch.randn(2, 4))
     assignment = partition(graph, traced.graph_module, 2, "params").assignment
-    reversed_assignment = {n: 1 - s if graph.nodes[n]["op"] != "placeholder" else 0 for n, s in assignment.items()}
+    reversed_assignment = {
+        n: 1 - s if graph.nodes[n]["op"] != "placeholder" else 0 for n, s in assignment.items()
+    }
     with pytest.raises(InvalidPartition, match="values may only flow"):
         validate(graph, reversed_assignment, 2)
     with pytest.raises(InvalidPartition, match="stage 2 has no operations"):

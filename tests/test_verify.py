@@ -12,7 +12,9 @@ from autopipe.verify import verify
 
 def _mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 3))
+    return nn.Sequential(
+        nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 3)
+    )
 
 
 def test_a_wrong_weight_is_named_with_its_stage(tmp_path: Path) -> None:
@@ -42,7 +44,9 @@ def test_a_wrong_gradient_is_named_with_its_stage(tmp_path: Path) -> None:
         return stages
 
     result.module.build_stages = scaled_gradient
-    with pytest.raises(autopipe.VerificationError, match=r"gradient of '0.weight' \(stage 0\) differs"):
+    with pytest.raises(
+        autopipe.VerificationError, match=r"gradient of '0.weight' \(stage 0\) differs"
+    ):
         verify(model, (torch.randn(4, 6),), result.module)
 
 

@@ -27,7 +27,9 @@ def test_every_zoo_family_has_a_fast_variant_here() -> None:
 @pytest.mark.parametrize("family, name, n_stages", CASES, ids=lambda v: str(v))
 def test_zoo_model_is_transparent(family: str, name: str, n_stages: int, tmp_path: Path) -> None:
     task = zoo_task(family, name, 2)
-    result = autopipe.compile(task.model, task.example_inputs, n_stages, output=tmp_path / f"{name}.py")
+    result = autopipe.compile(
+        task.model, task.example_inputs, n_stages, output=tmp_path / f"{name}.py"
+    )
     assert len(result.stages) == n_stages
     report = result.verify()
     assert report.outputs >= 1

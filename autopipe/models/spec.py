@@ -43,8 +43,7 @@ def token_inputs(
 
     def make(batch: int, size: int, generator: torch.Generator) -> dict[str, Any]:
         return {
-            name: torch.randint(0, vocab_size, (batch, size), generator=generator)
-            for name in names
+            name: torch.randint(0, vocab_size, (batch, size), generator=generator) for name in names
         }
 
     return make

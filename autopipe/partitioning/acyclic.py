@@ -87,7 +87,6 @@ class Values:
         return Values(self.nbytes[kept], home[kept], pair_value.astype(np.int64), consumer)
 
 
-
 class ValueLists:
     """Python-list views of ``Values`` for the move-by-move loops: per value its bytes,
     producer and consumers, and per cluster the values it produces and consumes."""
@@ -106,13 +105,13 @@ class ValueLists:
         self._consumed_at = np.searchsorted(values.pair_consumer[by_consumer], clusters).tolist()
 
     def consumers(self, x: int) -> list[int]:
-        return self._consumers[self._consumers_at[x]:self._consumers_at[x + 1]]
+        return self._consumers[self._consumers_at[x] : self._consumers_at[x + 1]]
 
     def produced_by(self, cluster: int) -> list[int]:
-        return self._produced[self._produced_at[cluster]:self._produced_at[cluster + 1]]
+        return self._produced[self._produced_at[cluster] : self._produced_at[cluster + 1]]
 
     def consumed_by(self, cluster: int) -> list[int]:
-        return self._consumed[self._consumed_at[cluster]:self._consumed_at[cluster + 1]]
+        return self._consumed[self._consumed_at[cluster] : self._consumed_at[cluster + 1]]
 
 
 @dataclass
@@ -159,7 +158,9 @@ class ClusterGraph:
     def succ(self) -> list[dict[int, int]]:
         """succ[u][v]: bytes on the edges u -> v."""
         out: list[dict[int, int]] = [{} for _ in range(len(self))]
-        for u, v, nbytes in zip(self.source.tolist(), self.target.tolist(), self.edge_bytes.tolist()):
+        for u, v, nbytes in zip(
+            self.source.tolist(), self.target.tolist(), self.edge_bytes.tolist()
+        ):
             out[u][v] = nbytes
         return out
 
@@ -167,7 +168,9 @@ class ClusterGraph:
     def pred(self) -> list[dict[int, int]]:
         """pred[v][u]: bytes on the edges u -> v."""
         into: list[dict[int, int]] = [{} for _ in range(len(self))]
-        for u, v, nbytes in zip(self.source.tolist(), self.target.tolist(), self.edge_bytes.tolist()):
+        for u, v, nbytes in zip(
+            self.source.tolist(), self.target.tolist(), self.edge_bytes.tolist()
+        ):
             into[v][u] = nbytes
         return into
 
@@ -179,15 +182,20 @@ class ClusterGraph:
         pairs, where = np.unique(a[keep] * size + b[keep], return_inverse=True)
         nbytes = np.bincount(where, weights=self.edge_bytes[keep], minlength=len(pairs))
         source, target = np.divmod(pairs, size)
-        return ClusterGraph(np.bincount(parent, weights=self.weight, minlength=size), source, target,
-                            np.rint(nbytes).astype(np.int64), self.values.merged(parent, size))
+        return ClusterGraph(
+            np.bincount(parent, weights=self.weight, minlength=size),
+            source,
+            target,
+            np.rint(nbytes).astype(np.int64),
+            self.values.merged(parent, size),
+        )
 
 
 def _split(items: np.ndarray, owners: np.ndarray, size: int) -> list[list[int]]:
     """``items`` grouped by their (sorted) ``owners`` into one list per owner 0..size-1."""
     bounds = np.searchsorted(owners, np.arange(size + 1)).tolist()
     flat = items.tolist()
-    return [flat[bounds[k]:bounds[k + 1]] for k in range(size)]
+    return [flat[bounds[k] : bounds[k + 1]] for k in range(size)]
 
 
 def index_graph(coarse: nx.DiGraph) -> tuple[list[int], ClusterGraph]:
@@ -196,7 +204,9 @@ def index_graph(coarse: nx.DiGraph) -> tuple[list[int], ClusterGraph]:
     nodes = sorted(coarse.nodes, key=lambda n: coarse.nodes[n]["rank"])
     index = {n: i for i, n in enumerate(nodes)}
     data = [coarse.nodes[n] for n in nodes]
-    weight = np.array([d.get("forward_ms", 0.0) + d.get("backward_ms", 0.0) for d in data], dtype=np.float64)
+    weight = np.array(
+        [d.get("forward_ms", 0.0) + d.get("backward_ms", 0.0) for d in data], dtype=np.float64
+    )
     edges, values = [], {}
     for u, n in enumerate(nodes):
         produced = data[u].get("sends", {})
@@ -209,8 +219,10 @@ def index_graph(coarse: nx.DiGraph) -> tuple[list[int], ClusterGraph]:
                 crossing += nbytes
             edges.append((u, v, crossing))
     edges.sort()
-    source, target, edge_bytes = (np.array(column, dtype=np.int64).reshape(-1)
-                                  for column in (zip(*edges) if edges else ((), (), ())))
+    source, target, edge_bytes = (
+        np.array(column, dtype=np.int64).reshape(-1)
+        for column in (zip(*edges) if edges else ((), (), ()))
+    )
     return nodes, ClusterGraph(weight, source, target, edge_bytes, _values_table(values))
 
 
@@ -218,7 +230,9 @@ def _values_table(values: dict[tuple[int, str], tuple[int, list[int]]]) -> Value
     """Flat arrays from {(producer, name): (bytes, consumers)}, in insertion order."""
     nbytes = np.array([b for b, _ in values.values()], dtype=np.int64)
     producer = np.array([u for u, _ in values], dtype=np.int64)
-    pair_value = np.repeat(np.arange(len(values), dtype=np.int64), [len(c) for _, c in values.values()])
+    pair_value = np.repeat(
+        np.arange(len(values), dtype=np.int64), [len(c) for _, c in values.values()]
+    )
     pair_consumer = np.array([v for _, c in values.values() for v in sorted(c)], dtype=np.int64)
     return Values(nbytes, producer, pair_value, pair_consumer)
 
@@ -242,7 +256,9 @@ def check_request(coarse: nx.DiGraph, n_stages: int) -> None:
 # The objective ------------------------------------------------------------------------------
 
 
-def stage_totals(graph: ClusterGraph, stages: list[int], n_stages: int) -> tuple[list[float], list[int], np.ndarray]:
+def stage_totals(
+    graph: ClusterGraph, stages: list[int], n_stages: int
+) -> tuple[list[float], list[int], np.ndarray]:
     """Compute and bytes sent per stage, and per value how many consumers sit in another stage
     than its producer, for a stage per cluster (vectorized, the whole graph at once)."""
     stage = np.asarray(stages, dtype=np.int64)
@@ -255,7 +271,9 @@ def stage_totals(graph: ClusterGraph, stages: list[int], n_stages: int) -> tuple
     return compute.tolist(), [int(s) for s in np.rint(sends).tolist()], away
 
 
-def stage_times(graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel) -> list[float]:
+def stage_times(
+    graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel
+) -> list[float]:
     """Every stage's ``StageCost.time_ms``: compute plus sending values and their gradients."""
     compute, sends, _ = stage_totals(graph, stages, n_stages)
     return [c + model.transfer_ms(s) for c, s in zip(compute, sends)]
@@ -277,12 +295,16 @@ class StageLoads:
     in another stage than its producer.
     """
 
-    def __init__(self, graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel) -> None:
+    def __init__(
+        self, graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel
+    ) -> None:
         self.graph, self.stage, self.model = graph, stages, model
         self.compute, self.sends, away = stage_totals(graph, stages, n_stages)
         self.away = away.tolist()
         self.times = [self._time(c, s) for c, s in zip(self.compute, self.sends)]
-        self.clusters_in = np.bincount(np.asarray(stages, dtype=np.int64), minlength=n_stages).tolist()
+        self.clusters_in = np.bincount(
+            np.asarray(stages, dtype=np.int64), minlength=n_stages
+        ).tolist()
 
     def _time(self, compute: float, sends: int) -> float:
         """A stage's time, as ``StageCost.time_ms``: compute plus sending values and gradients."""
@@ -515,11 +537,13 @@ def contiguous_cut(weights: list[float], n_runs: int) -> list[int]:
             low = middle
     runs = _greedy_runs(prefix, high, len(weights))
     while len(runs) < n_runs:
-        widest = max((r for r in runs if r[1] - r[0] > 1),
-                     key=lambda r: (prefix[r[1]] - prefix[r[0]], r[1] - r[0]))
+        widest = max(
+            (r for r in runs if r[1] - r[0] > 1),
+            key=lambda r: (prefix[r[1]] - prefix[r[0]], r[1] - r[0]),
+        )
         i = runs.index(widest)
-        cut = widest[0] + balanced_split(weights[widest[0]:widest[1]])
-        runs[i:i + 1] = [(widest[0], cut), (cut, widest[1])]
+        cut = widest[0] + balanced_split(weights[widest[0] : widest[1]])
+        runs[i : i + 1] = [(widest[0], cut), (cut, widest[1])]
     assignment = [0] * len(weights)
     for run, (start, end) in enumerate(runs):
         assignment[start:end] = [run] * (end - start)
@@ -611,8 +635,13 @@ def _movable(graph: ClusterGraph, stages: list[int]) -> list[int]:
     return np.flatnonzero(movable).tolist()
 
 
-def refine(graph: ClusterGraph, loads: StageLoads, n_stages: int, accept: Callable[[Key, Key], bool] = faster,
-           passes: int = REFINE_PASSES) -> None:
+def refine(
+    graph: ClusterGraph,
+    loads: StageLoads,
+    n_stages: int,
+    accept: Callable[[Key, Key], bool] = faster,
+    passes: int = REFINE_PASSES,
+) -> None:
     """Greedy boundary refinement of one level: each cluster that may move, in order, goes to
     the target stage ``accept`` likes best over staying, if any; later sweeps revisit what
     moved and its neighbours. Every stage keeps at least one cluster."""
@@ -646,7 +675,9 @@ def refine(graph: ClusterGraph, loads: StageLoads, n_stages: int, accept: Callab
 # The method ---------------------------------------------------------------------------------
 
 
-def partition_acyclic(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> dict[int, int]:
+def partition_acyclic(
+    coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
+) -> dict[int, int]:
     """Stage of every contracted node: multilevel coarsening, a contiguous first cut of the
     coarsest graph, then refinement level by level, all moves keeping the stage graph a DAG."""
     check_request(coarse, n_stages)

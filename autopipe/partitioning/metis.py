@@ -28,7 +28,13 @@ import networkx as nx
 import numpy as np
 import pymetis
 
-from autopipe.partitioning.acyclic import ClusterGraph, balanced_split, check_request, index_graph, objective
+from autopipe.partitioning.acyclic import (
+    ClusterGraph,
+    balanced_split,
+    check_request,
+    index_graph,
+    objective,
+)
 from autopipe.partitioning.base import PartitionOptions
 
 WEIGHT_SCALE = 1_000_000
@@ -78,15 +84,25 @@ def metis_graph(graph: ClusterGraph) -> MetisGraph:
     weights = np.tile(_scaled(graph.edge_bytes, EDGE_SCALE), 2)
     order = np.lexsort((others, ends))
     xadj = np.concatenate([[0], np.cumsum(np.bincount(ends, minlength=len(graph)))])
-    return MetisGraph(xadj.tolist(), others[order].tolist(), weights[order].tolist(),
-                      _scaled_total(graph.weight, WEIGHT_SCALE).tolist())
+    return MetisGraph(
+        xadj.tolist(),
+        others[order].tolist(),
+        weights[order].tolist(),
+        _scaled_total(graph.weight, WEIGHT_SCALE).tolist(),
+    )
 
 
 def metis_parts(csr: MetisGraph, n_parts: int, seed: int) -> list[int]:
     """Raw k-way METIS parts: the part of each node, by index."""
     adjacency = pymetis.CSRAdjacency(adj_starts=csr.xadj, adjacent=csr.adjncy)
-    _, parts = pymetis.part_graph(n_parts, adjacency, vweights=csr.vweights, eweights=csr.eweights or None,
-                                  recursive=False, options=pymetis.Options(seed=seed))
+    _, parts = pymetis.part_graph(
+        n_parts,
+        adjacency,
+        vweights=csr.vweights,
+        eweights=csr.eweights or None,
+        recursive=False,
+        options=pymetis.Options(seed=seed),
+    )
     return list(parts)
 
 
@@ -154,8 +170,10 @@ def fill_stages(graph: ClusterGraph, stages: list[int], n_stages: int) -> list[i
         for u, s in enumerate(stages):
             members[s].append(u)
         load = [sum(graph.weights[u] for u in m) for m in members]
-        widest = max((s for s in range(count) if len(members[s]) > 1),
-                     key=lambda s: (load[s], len(members[s]), -s))
+        widest = max(
+            (s for s in range(count) if len(members[s]) > 1),
+            key=lambda s: (load[s], len(members[s]), -s),
+        )
         cut = balanced_split([graph.weights[u] for u in members[widest]])
         later = set(members[widest][cut:])
         stages = [s + 1 if s > widest or u in later else s for u, s in enumerate(stages)]

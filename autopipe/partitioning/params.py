@@ -11,7 +11,9 @@ import networkx as nx
 from autopipe.partitioning.base import PartitionOptions
 
 
-def partition_by_params(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> dict[int, int]:
+def partition_by_params(
+    coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
+) -> dict[int, int]:
     """Cut the topological order into ``n_stages`` runs minimizing the largest parameter size.
 
     Every node weighs its parameter bytes plus one, so parameter-free tails still spread. The

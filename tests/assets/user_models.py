@@ -39,7 +39,10 @@ class TwoTower(nn.Module):
 
 def two_tower():
     generator = torch.Generator().manual_seed(0)
-    inputs = {"image": torch.randn(4, 16, generator=generator), "text": torch.randn(4, 16, generator=generator)}
+    inputs = {
+        "image": torch.randn(4, 16, generator=generator),
+        "text": torch.randn(4, 16, generator=generator),
+    }
     return TwoTower(), inputs
 
 
