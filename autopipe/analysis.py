@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from autopipe.cost import CostModel, StageCost, stage_memory
+from autopipe.cost import CostModel, StageCost, replicated_ms, stage_memory
 
 _MB = 1e6
 _GB = 1e9
@@ -31,6 +31,8 @@ class Analysis:
 
     costs: list[StageCost]
     replicas: tuple[int, ...]
+    stage_ms: list[float]
+    """Each stage's time per batch, replicas and their all-reduce included."""
     lower_bound_ms: float
     single_device_ms: float
     microbatches: int
@@ -39,7 +41,7 @@ class Analysis:
 
     @property
     def slowest_ms(self) -> float:
-        return max(c.time_ms / r for c, r in zip(self.costs, self.replicas))
+        return max(self.stage_ms)
 
     @property
     def bound_ratio(self) -> float:
@@ -77,9 +79,9 @@ class Analysis:
         return "\n".join(lines)
 
 
-def pipeline_ms(costs: list[StageCost], replicas: tuple[int, ...], microbatches: int) -> float:
+def pipeline_ms(stage_ms: list[float], microbatches: int) -> float:
     """Time per batch of a synchronous pipeline: fill and drain plus m - 1 steady steps."""
-    per_microbatch = [c.time_ms / r / microbatches for c, r in zip(costs, replicas)]
+    per_microbatch = [t / microbatches for t in stage_ms]
     return (microbatches - 1) * max(per_microbatch) + sum(per_microbatch)
 
 
@@ -92,6 +94,10 @@ def analyse(
 ) -> Analysis:
     """Predict per-stage costs and GPipe / 1F1B time, throughput, speedup and peak memory."""
     single = sum(c.compute_ms for c in costs)
+    stage_ms = [
+        replicated_ms(c.compute_ms, c.comm_ms, c.param_bytes, r, model)
+        for c, r in zip(costs, replicas)
+    ]
     estimates = []
     for schedule in ("gpipe", "1f1b"):
         scheduled = replace(model, schedule=schedule)
@@ -108,7 +114,7 @@ def analyse(
             )
             for s, c in enumerate(costs)
         )
-        batch_ms = pipeline_ms(costs, replicas, model.microbatches)
+        batch_ms = pipeline_ms(stage_ms, model.microbatches)
         estimates.append(
             ScheduleEstimate(
                 schedule=schedule,
@@ -119,5 +125,5 @@ def analyse(
             )
         )
     return Analysis(
-        costs, replicas, lower_bound_ms, single, model.microbatches, batch_size, estimates
+        costs, replicas, stage_ms, lower_bound_ms, single, model.microbatches, batch_size, estimates
     )

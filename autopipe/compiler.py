@@ -138,7 +138,7 @@ def compile(  # noqa: A001 - the public name the API promises
         analyse(
             planned.costs,
             planned.replicas,
-            lower_bound_ms(planned.coarse, planned.n_stages),
+            lower_bound_ms(planned.coarse, sum(planned.replicas)),
             options.cost,
             batch_size,
         )

@@ -8,7 +8,8 @@ pieces.
 
 - stage time = forward + backward + the time to send its outputs and to receive the gradients
   of those outputs (bytes / bandwidth; a gradient only where the value requires one). A value
-  sent to several later stages is counted once.
+  sent to several later stages is counted once. A stage replicated r times (data parallel)
+  shares its compute among the replicas and adds the all-reduce of its gradients.
 - stage memory = weights and buffers + gradients + optimizer state + the activations of the
   microbatches in flight (their inputs and what the stage computes from them): GPipe keeps all
   m, 1F1B keeps min(p - s, m) on stage s. With recomputation a stage keeps only the inputs of the
@@ -18,6 +19,7 @@ pieces.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 
@@ -86,6 +88,20 @@ class StageCost:
     @property
     def time_ms(self) -> float:
         return self.compute_ms + self.comm_ms
+
+
+def replicated_ms(
+    compute_ms: Any, comm_ms: Any, param_bytes: Any, replicas: int, model: CostModel
+) -> Any:
+    """A stage run by ``replicas`` data-parallel copies: compute shared among them, its own
+    transfers, and the all-reduce of its gradients, 4 (r - 1) P / (B r). Works on arrays too."""
+    if replicas <= 1:
+        return compute_ms + comm_ms
+    return (
+        compute_ms / replicas
+        + comm_ms
+        + model.transfer_ms(4.0 * (replicas - 1) * param_bytes / replicas)
+    )
 
 
 def node_compute_ms(coarse: nx.DiGraph, node: int) -> float:

@@ -4,7 +4,7 @@ import networkx as nx
 import pytest
 
 from autopipe.analysis import analyse, pipeline_ms
-from autopipe.cost import CostModel, check_memory, lower_bound_ms, stage_costs
+from autopipe.cost import CostModel, check_memory, lower_bound_ms, replicated_ms, stage_costs
 from autopipe.errors import UserError
 
 
@@ -81,7 +81,7 @@ def test_lower_bound_and_pipeline_estimate() -> None:
     model = CostModel(bandwidth=1e6, microbatches=4)
     costs = stage_costs(coarse, {0: 0, 1: 1, 2: 2}, 3, model)
     per_microbatch = [c.time_ms / 4 for c in costs]
-    assert pipeline_ms(costs, (1, 1, 1), 4) == pytest.approx(
+    assert pipeline_ms([c.time_ms for c in costs], 4) == pytest.approx(
         3 * max(per_microbatch) + sum(per_microbatch)
     )
     report = analyse(costs, (1, 1, 1), lower_bound_ms(coarse, 3), model, batch_size=32)
@@ -90,3 +90,14 @@ def test_lower_bound_and_pipeline_estimate() -> None:
     assert report.schedules[0].speedup == pytest.approx(18.0 / report.schedules[0].batch_ms)
     assert report.bound_ratio == pytest.approx(max(c.time_ms for c in costs) / 9.0)
     assert "lower bound" in report.table() and "samples/s" in report.table()
+
+
+def test_replicated_stage_shares_compute_and_pays_the_all_reduce() -> None:
+    model = CostModel(bandwidth=1.0)
+    assert replicated_ms(8.0, 1.0, 1e6, 1, model) == 9.0
+    assert replicated_ms(8.0, 1.0, 1e6, 4, model) == pytest.approx(
+        2.0 + 1.0 + 4 * 3 * 1e6 / 4 / 1e9 * 1e3
+    )
+    costs = stage_costs(_chain(), {0: 0, 1: 1, 2: 1}, 2, model)
+    report = analyse(costs, (2, 1), 1.0, model, batch_size=None)
+    assert report.stage_ms[0] == pytest.approx(replicated_ms(3.0, costs[0].comm_ms, 100, 2, model))

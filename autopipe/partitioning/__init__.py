@@ -19,6 +19,7 @@ from autopipe.partitioning.base import DeviceGroup, Level, Method, PartitionOpti
 from autopipe.partitioning.acyclic import partition_acyclic
 from autopipe.partitioning.metis import partition_metis
 from autopipe.partitioning.params import partition_by_params
+from autopipe.partitioning.pipedream import partition_pipedream
 
 DEFAULT_METHOD = "acyclic"
 
@@ -26,6 +27,7 @@ METHODS: dict[str, Method] = {
     "params": partition_by_params,
     "metis": partition_metis,
     "acyclic": partition_acyclic,
+    "pipedream": partition_pipedream,
 }
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "DeviceGroup", "InvalidPartition", "Level", "Partition", "PartitionOptions", "Plan",

@@ -1,0 +1,830 @@
+"""The `pipedream` method: PipeDream's dynamic program over the topological order.
+
+Stages are contiguous runs of the contracted graph's topological order (node attribute ``rank``)
+and the program minimizes the slowest stage's time as ``autopipe.cost`` defines it: forward +
+backward + the time to send the values the stage hands to later stages and to receive their
+gradients, each value counted once. A stage over ``memory_limit`` (``autopipe.cost.stage_memory``)
+is infeasible. Optionally:
+
+- replication: a stage may run as m' data-parallel replicas; its time is then
+  compute / m' + sends + 4 (m' - 1) P / (B m') (the all-reduce of its P parameter bytes);
+- a hierarchical machine (``options.levels``, innermost first): stages are laid on the devices
+  in order, so every cut has the bandwidth of the outermost level it crosses, and a stage's
+  sends are priced at the link after it (as PipeDream prices a cut); replicas all-reduce at
+  their slowest link. Stage times compose by max, so solving the devices in order is exactly
+  PipeDream's level-by-level solve (a server's best inner split acting as one machine of the
+  outer level), done in one pass;
+- heterogeneous devices (``options.devices``): stages are laid on the devices in order and a
+  stage is timed on the slowest device type it is laid on; links use ``--bw`` (or the levels).
+
+The program runs over suffixes: B[state][i] is the best bottleneck for nodes i..n-1 on the
+devices a state leaves. Suffixes know how many stages follow a stage, which is all its memory
+depends on (``CostModel.in_flight``). For one start i the costs of every end j are numpy rows
+built from prefix sums and difference arrays kept while i moves down, so the inner minimum is
+vectorized. A bound U >= optimum prunes ends, and starts of states, that cannot lie on a
+solution within U (by compute, and memory, lower bounds that are prefix sums); the result is
+still exact. U comes from the same program on blocks of nodes, cut only between blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from itertools import pairwise
+from pathlib import Path
+from typing import NamedTuple
+
+import networkx as nx
+import numpy as np
+
+from autopipe.cost import CostModel, replicated_ms, stage_costs, stage_memory
+from autopipe.errors import UserError
+from autopipe.partitioning.base import DeviceGroup, PartitionOptions, Plan
+
+_SLACK = 1e-9
+"""Relative tolerance on a bound, so rounding in prefix sums never prunes the optimum."""
+_GUESS_BLOCKS = 512
+"""Larger orders are first solved with cuts only between this many blocks, for a bound."""
+_TRIAL_FACTORS = (1.3, 3.0)
+"""Bounds tried when blocks give none, as multiples of the lower bound (compute / devices)."""
+
+
+@dataclass(frozen=True)
+class RelativeDeviceGroup(DeviceGroup):
+    """Devices whose node times are ``slowdown`` times the graph's own forward + backward times.
+
+    A server file may give a number instead of a profile; the times then come from the graph
+    being partitioned, so ``compute_ms`` stays empty and the method resolves them.
+    """
+
+    slowdown: float = 1.0
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The plan the program chose, its bottleneck and every stage's time (ms per batch)."""
+
+    plan: Plan
+    bottleneck_ms: float
+    stage_ms: tuple[float, ...]
+
+
+# --- the problem, flattened -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Order:
+    """The contracted graph in topological order: per-node costs as prefix sums, and values.
+
+    Every value a node sends is indexed; ``made[r]`` lists those rank r produces, ``uses[r]``
+    those rank r consumes from earlier nodes.
+    """
+
+    nodes: list[int]
+    node_ms: np.ndarray
+    """(device types, n) forward + backward ms of every node on every device type."""
+    compute: np.ndarray
+    """(device types, n + 1) prefix sums of ``node_ms``."""
+    fastest: np.ndarray
+    """(n + 1,) prefix sums of each node's time on its fastest type: a lower bound on any stage."""
+    params: np.ndarray
+    state: np.ndarray
+    acts: np.ndarray
+    last_use: list[int]
+    sent_bytes: list[int]
+    """Bytes a value costs to send: the value, and its gradient back where it requires one."""
+    in_bytes: list[int]
+    made: list[list[int]]
+    uses: list[list[int]]
+
+    @property
+    def size(self) -> int:
+        return len(self.nodes)
+
+    def blocks(self, stride: int) -> _Order:
+        """This order with every ``stride`` consecutive nodes merged (``nodes`` holds each
+        block's first node): a smaller program whose every solution, cut only between blocks,
+        is a solution of this one."""
+        starts = list(range(0, self.size, stride))
+        pick = starts + [self.size]
+        made: list[list[int]] = [[] for _ in starts]
+        uses: list[list[int]] = [[] for _ in starts]
+        for r in range(self.size):
+            made[r // stride].extend(self.made[r])
+            uses[r // stride].extend(self.uses[r])
+        return _Order(
+            nodes=[self.nodes[r] for r in starts], node_ms=np.add.reduceat(self.node_ms, starts, axis=1),
+            compute=self.compute[:, pick], fastest=self.fastest[pick], params=self.params[pick],
+            state=self.state[pick], acts=self.acts[pick], last_use=[r // stride for r in self.last_use],
+            sent_bytes=self.sent_bytes, in_bytes=self.in_bytes, made=made, uses=uses,
+        )
+
+
+class _RowKey(NamedTuple):
+    """What a stage's cost row depends on besides its nodes."""
+
+    types: tuple[int, ...]
+    send_bandwidth: float
+    reduce_bandwidth: float
+    replicas: int
+    following: int
+    """Stages from this one to the last, when memory counts (else 0)."""
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """The devices in pipeline order: each one's compute type and the link to the next."""
+
+    types: tuple[int, ...]
+    links: tuple[float, ...]
+    bandwidth: float
+    """Bandwidth used where no link follows (the last device sends nothing)."""
+
+    @property
+    def size(self) -> int:
+        return len(self.types)
+
+    def key(self, first: int, replicas: int, following: int) -> _RowKey:
+        """The row key of a stage on devices first .. first + replicas - 1."""
+        last = first + replicas - 1
+        send = self.links[last] if last < len(self.links) else self.bandwidth
+        reduce = min(self.links[first:last]) if replicas > 1 else 0.0
+        types = tuple(sorted(set(self.types[first : last + 1])))
+        return _RowKey(types, send, reduce, replicas, following)
+
+
+class _Move(NamedTuple):
+    replicas: int
+    successor: int
+    key: _RowKey
+
+
+class _Problem:
+    """One dynamic program: the order, the machine, the objective and the state space.
+
+    ``objective`` is "time" (the bottleneck) or "memory" (the largest stage memory, for error
+    messages). A state is (devices left, stages left); stages left is tracked when memory
+    counts, since it sets a stage's activations in flight, else it is 0 under replication and
+    equal to devices left without. The terminal state is (0, 0).
+    """
+
+    def __init__(self, order: _Order, machine: _Machine, options: PartitionOptions, objective: str) -> None:
+        self.order, self.machine, self.options, self.objective = order, machine, options, objective
+        self.memory_counts = objective == "memory" or options.cost.memory_limit is not None
+        replication, p = options.replication, machine.size
+        if not replication:
+            self.states = [(0, 0)] + [(d, d) for d in range(1, p + 1)]
+        elif self.memory_counts:
+            self.states = [(0, 0)] + [(d, q) for d in range(1, p + 1) for q in range(1, d + 1)]
+        else:
+            self.states = [(0, 0)] + [(d, 0) for d in range(1, p + 1)]
+        self.index = {state: k for k, state in enumerate(self.states)}
+        self.roots = [k for k, (d, _) in enumerate(self.states) if d == p]
+        self.moves = [self._moves(state) for state in self.states]
+        self._memory: dict[int, _MemoryModel] = {}
+        self._links: dict[float, CostModel] = {}
+        self.memory_lower = self._memory_lower() if self.memory_counts else None
+
+    def _memory_lower(self) -> np.ndarray:
+        """Prefix sums of a per-node memory that no stage's memory is below the sum of: its
+        state, parameter and activation bytes at the smallest factors stage_memory gives them."""
+        factors = np.min([self.memory(q).factors[:3] for q in range(1, self.machine.size + 1)], axis=0)
+        parts = (self.order.state, self.order.params, self.order.acts)
+        return sum(f * part.astype(float) for f, part in zip(factors, parts))
+
+    def caps(self, bound: float) -> list[tuple[np.ndarray, bool, float]]:
+        """What prunes the program: (prefix sums of a per-node lower bound, whether replicas
+        divide it, the most a stage may have). The objective's bound caps fastest compute (or
+        memory); a memory limit caps memory."""
+        limit = self.options.cost.memory_limit
+        if self.objective == "memory":
+            caps = [(self.memory_lower, False, bound)]
+        else:
+            caps = [(self.order.fastest, True, bound)]
+            if limit is not None:
+                caps.append((self.memory_lower, False, limit * (1 + _SLACK) + 2.0))
+        return [cap for cap in caps if not math.isinf(cap[2])]
+
+    def _moves(self, state: tuple[int, int]) -> list[_Move]:
+        devices, stages = state
+        if devices == 0:
+            return []
+        most = devices - max(stages, 1) + 1 if self.options.replication else 1
+        moves = []
+        for m in range(1, most + 1):
+            successor = (devices - m, stages - 1 if stages else 0)
+            if successor not in self.index:
+                continue
+            following = stages if self.memory_counts else 0
+            key = self.machine.key(self.machine.size - devices, m, following)
+            if self.objective == "memory":
+                key = _RowKey((), 0.0, 0.0, m, following)
+            moves.append(_Move(m, self.index[successor], key))
+        return moves
+
+    def memory(self, following: int) -> _MemoryModel:
+        if following not in self._memory:
+            self._memory[following] = _MemoryModel(self.options.cost, following)
+        return self._memory[following]
+
+    def link(self, bandwidth: float) -> CostModel:
+        """The cost model with this link's bandwidth, whose transfer_ms prices the link."""
+        if bandwidth not in self._links:
+            self._links[bandwidth] = replace(self.options.cost, bandwidth=bandwidth)
+        return self._links[bandwidth]
+
+    def widths(self, bound: float) -> dict[int, list[int]]:
+        """For every replica count and start i, how many ends the caps allow."""
+        n = self.order.size
+        starts = np.arange(n)
+        widths = {}
+        for m in sorted({move.replicas for moves in self.moves for move in moves}):
+            width = n - starts
+            for lower, divides, most in self.caps(bound):
+                ends = np.searchsorted(lower, lower[:n] + (m if divides else 1) * most, side="right") - 1
+                width = np.minimum(width, ends - starts)
+            widths[m] = width.tolist()
+        return widths
+
+    def band(self, bound: float) -> list[tuple[int, int]]:
+        """For every state, the starts it can have on a solution within the caps.
+
+        The nodes before the start need the devices already used, the rest fit in those left,
+        no device over a cap by its lower bound; every stage has a node; all devices start at
+        node 0.
+        """
+        n, p = self.order.size, self.machine.size
+        bands = [(n, n)]
+        for devices, stages in self.states[1:]:
+            if self.options.replication:
+                low, high = (0, 0) if devices == p else (1, n - max(stages, 1))
+            else:
+                low, high = p - devices, n - devices
+            for lower, _, most in self.caps(bound):
+                low = max(low, int(np.searchsorted(lower, lower[n] - devices * most, side="left")))
+                high = min(high, int(np.searchsorted(lower, (p - devices) * most, side="right")) - 1)
+            bands.append((low, high))
+        return bands
+
+
+class _MemoryModel:
+    """``stage_memory`` for one count of following stages, applied to whole rows of stages.
+
+    stage_memory is a sum of its byte counts times factors fixed by the stage's place,
+    truncated to whole bytes. Its factors are read off it at one large probe each, so rows can
+    be estimated with numpy to within a byte; stages within a few bytes of the limit are
+    decided by stage_memory itself. The formula stays in autopipe.cost.
+    """
+
+    _PROBE = float(2**40)
+
+    def __init__(self, model: CostModel, following: int) -> None:
+        self.model, self.following = model, max(following, 1)
+        self.base = stage_memory(0, 0, 0, 0, 0, self.following, model)
+        self.factors = [(stage_memory(*(self._PROBE if k == a else 0 for k in range(4)), 0, self.following, model)
+                         - self.base) / self._PROBE for a in range(4)]
+
+    def estimate(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """Approximate bytes of stages with the given (state, params, activations, inputs)."""
+        total = np.full(len(parts[0]), float(self.base))
+        for factor, part in zip(self.factors, parts):
+            total += factor * part
+        return total
+
+    def fits(self, parts: Sequence[np.ndarray], limit: float) -> np.ndarray:
+        """Which stages stay within ``limit`` bytes, exactly as stage_memory decides."""
+        estimate = self.estimate(parts)
+        margin = 2.0 + 1e-9 * np.abs(estimate)
+        fits = estimate <= limit - margin
+        unsure = np.flatnonzero(~fits & (estimate <= limit + margin))
+        for k in unsure.tolist():
+            exact = stage_memory(*(int(part[k]) for part in parts), 0, self.following, self.model)
+            fits[k] = exact <= limit
+        return fits
+
+
+# --- building the problem -------------------------------------------------------------------
+
+
+def _node_ms(coarse: nx.DiGraph, node: int, group: DeviceGroup | None) -> float:
+    """Forward + backward ms of a contracted node on a device type (None: as profiled)."""
+    data = coarse.nodes[node]
+    own = data.get("forward_ms", 0.0) + data.get("backward_ms", 0.0)
+    if group is None:
+        return own
+    if isinstance(group, RelativeDeviceGroup):
+        return group.slowdown * own
+    total = 0.0
+    for member in data.get("members", ()):
+        if member not in group.compute_ms:
+            raise UserError(f"the profile of {group.device_type} on {group.server} has no time for node {member}")
+        total += group.compute_ms[member]
+    return total
+
+
+def _prefix(values: np.ndarray) -> np.ndarray:
+    """Prefix sums along the last axis, with a leading zero."""
+    shape = values.shape[:-1] + (1,)
+    return np.concatenate([np.zeros(shape, dtype=values.dtype), np.cumsum(values, axis=-1)], axis=-1)
+
+
+def _flatten(coarse: nx.DiGraph, groups: Sequence[DeviceGroup | None]) -> _Order:
+    """The contracted graph as an ``_Order`` for the given device types."""
+    nodes = sorted(coarse.nodes, key=lambda n: coarse.nodes[n]["rank"])
+    rank_of = {node: r for r, node in enumerate(nodes)}
+    node_ms = np.array([[_node_ms(coarse, node, group) for node in nodes] for group in groups], dtype=float)
+    node_ms = node_ms.reshape(len(groups), len(nodes))
+    if (node_ms < 0).any():
+        raise UserError("node times must not be negative")
+
+    def column(name: str) -> np.ndarray:
+        return _prefix(np.array([int(coarse.nodes[n].get(name, 0)) for n in nodes], dtype=np.int64))
+
+    consumers: dict[tuple[int, str], list[int]] = {}
+    for u, v, data in coarse.edges(data=True):
+        for name in data.get("values", ()):
+            consumers.setdefault((rank_of[u], name), []).append(rank_of[v])
+    made: list[list[int]] = [[] for _ in nodes]
+    uses: list[list[int]] = [[] for _ in nodes]
+    last_use, sent_bytes, in_bytes = [], [], []
+    for k, (rank, name) in enumerate(sorted(consumers)):
+        nbytes, grad = coarse.nodes[nodes[rank]].get("sends", {}).get(name, (0, False))
+        made[rank].append(k)
+        for consumer in consumers[rank, name]:
+            uses[consumer].append(k)
+        last_use.append(max(consumers[rank, name]))
+        sent_bytes.append(int(nbytes) * (2 if grad else 1))
+        in_bytes.append(int(nbytes))
+    return _Order(
+        nodes=nodes, node_ms=node_ms, compute=_prefix(node_ms), fastest=_prefix(node_ms.min(axis=0)),
+        params=column("param_bytes"), state=column("state_bytes"), acts=column("activation_bytes"),
+        last_use=last_use, sent_bytes=sent_bytes, in_bytes=in_bytes, made=made, uses=uses,
+    )
+
+
+def _machine(n_stages: int, options: PartitionOptions) -> tuple[_Machine, list[DeviceGroup | None]]:
+    """The devices in order, their compute types, and the link bandwidth after each."""
+    groups: list[DeviceGroup | None] = list(options.devices) or [None]
+    types = tuple(k for k, g in enumerate(options.devices) for _ in range(g.count)) or (0,) * n_stages
+    if len(types) != n_stages:
+        raise UserError(f"the server file lists {len(types)} devices but {n_stages} were asked for: "
+                        f"set -p to {len(types)}")
+    links = [options.cost.bandwidth] * (n_stages - 1)
+    if options.levels:
+        sizes = np.cumprod([1] + [level.count for level in options.levels])
+        if sizes[-1] != n_stages:
+            counts = " x ".join(str(level.count) for level in options.levels)
+            raise UserError(f"the machine has {counts} = {sizes[-1]} devices but {n_stages} stages were asked for")
+        for k in range(n_stages - 1):
+            crossed = max(level for level in range(len(options.levels)) if (k + 1) % sizes[level] == 0)
+            links[k] = options.levels[crossed].bandwidth
+    return _Machine(types, tuple(links), options.cost.bandwidth), groups
+
+
+# --- the dynamic program --------------------------------------------------------------------
+
+
+class _Scan:
+    """What a stage starting at node i sends and receives, for every end, as i moves down.
+
+    Difference arrays over the end j: a value produced at r (>= i) and last used at L is sent
+    by stages with r <= j < L; a value produced before i is received by stages that reach its
+    first use at or after i.
+    """
+
+    def __init__(self, order: _Order, track_inputs: bool) -> None:
+        self.order = order
+        self.sends = np.zeros(order.size + 1, dtype=np.int64)
+        self.inputs = np.zeros(order.size + 1, dtype=np.int64) if track_inputs else None
+        self.first_use = [-1] * len(order.last_use)
+
+    def start_at(self, i: int) -> None:
+        """Move the start to ``i``; starts must come in decreasing order."""
+        order = self.order
+        for v in order.made[i]:
+            self.sends[i] += order.sent_bytes[v]
+            self.sends[order.last_use[v]] -= order.sent_bytes[v]
+        if self.inputs is None:
+            return
+        for v in order.uses[i]:
+            if self.first_use[v] >= 0:
+                self.inputs[self.first_use[v]] -= order.in_bytes[v]
+            self.inputs[i] += order.in_bytes[v]
+            self.first_use[v] = i
+        for v in order.made[i]:
+            if self.first_use[v] >= 0:
+                self.inputs[self.first_use[v]] -= order.in_bytes[v]
+                self.first_use[v] = -1
+
+    def sent(self, i: int, first: int, stop: int) -> np.ndarray:
+        """Bytes sent by the stages i .. i + first to i .. i + stop - 1."""
+        return np.cumsum(self.sends[i : i + stop])[first:]
+
+    def received(self, i: int, first: int, stop: int) -> np.ndarray:
+        """Bytes received by the stages i .. i + first to i .. i + stop - 1."""
+        assert self.inputs is not None
+        return np.cumsum(self.inputs[i : i + stop])[first:]
+
+
+class _Rows:
+    """Cost rows of the stages that start at node i and end at i + first .. i + stop - 1."""
+
+    def __init__(self, problem: _Problem, scan: _Scan, i: int, first: int, stop: int) -> None:
+        self.problem, self.scan, self.i, self.first, self.stop = problem, scan, i, first, stop
+        self.cache: dict[object, np.ndarray] = {}
+
+    def _cached(self, key: object, make) -> np.ndarray:
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def _sum(self, prefix: np.ndarray) -> np.ndarray:
+        i = self.i
+        return prefix[i + 1 + self.first : i + 1 + self.stop] - prefix[i]
+
+    def compute(self, types: tuple[int, ...]) -> np.ndarray:
+        """Compute ms on the slowest of ``types``."""
+        compute = self.problem.order.compute
+        if len(types) == 1:
+            return self._cached(("compute", types), lambda: self._sum(compute[types[0]]))
+        return self._cached(("compute", types), lambda: np.max([self.compute((t,)) for t in types], 0))
+
+    def sent(self) -> np.ndarray:
+        return self._cached("sent", lambda: self.scan.sent(self.i, self.first, self.stop))
+
+    def memory_parts(self) -> tuple[np.ndarray, ...]:
+        """Per end: (state, params, activation, input) bytes, the arguments of stage_memory."""
+        order = self.problem.order
+        return self._cached("parts", lambda: (self._sum(order.state), self._sum(order.params),
+                                              self._sum(order.acts), self.scan.received(self.i, self.first, self.stop)))
+
+    def row(self, key: _RowKey) -> np.ndarray:
+        """The objective of every end: time (inf over the memory limit), or memory."""
+        problem = self.problem
+        if problem.objective == "memory":
+            return self._cached(key, lambda: problem.memory(key.following).estimate(self.memory_parts()))
+        limit = problem.options.cost.memory_limit
+        if limit is None:
+            return self.time(key)
+        return self._cached(key, lambda: np.where(self.fits(key.following, limit), self.time(key), np.inf))
+
+    def fits(self, following: int, limit: float) -> np.ndarray:
+        return self._cached(("fits", following),
+                            lambda: self.problem.memory(following).fits(self.memory_parts(), limit))
+
+    def time(self, key: _RowKey) -> np.ndarray:
+        """Compute on the slowest device type, divided among replicas, plus sends and all-reduce."""
+        return self._cached(("time", key._replace(following=0)), lambda: self._time(key))
+
+    def _time(self, key: _RowKey) -> np.ndarray:
+        link, m = self.problem.link, key.replicas
+        sends = link(key.send_bandwidth).transfer_ms(self.sent())
+        if m == 1:
+            return self.compute(key.types) + sends
+        params = self._sum(self.problem.order.params)
+        return replicated_ms(self.compute(key.types), sends, params, m, link(key.reduce_bandwidth))
+
+
+@dataclass(frozen=True)
+class _Answer:
+    value: float
+    stages: list[tuple[int, int, int]]
+    """(first rank, last rank, replicas) of every stage, in order."""
+
+
+@dataclass
+class _Table:
+    """The program's table: best bottleneck per (state, start), and the move that gets it."""
+
+    best: np.ndarray
+    end: np.ndarray
+    replicas: np.ndarray
+
+    @classmethod
+    def empty(cls, problem: _Problem) -> _Table:
+        states, n = len(problem.states), problem.order.size
+        best = np.full((states, n + 1), np.inf)
+        best[problem.index[0, 0], n] = 0.0
+        return cls(best, np.zeros((states, n), dtype=np.int64), np.zeros((states, n), dtype=np.int64))
+
+
+_Group = tuple[list[tuple[int, _Move]], int, int]
+"""Moves sharing one cost row, and the range of ends (offsets from the start) they may take."""
+
+
+def _solve(problem: _Problem, bound: float) -> _Answer | None:
+    """The best partition whose bottleneck is at most ``bound``, or None if there is none."""
+    limit = bound * (1 + _SLACK) if not math.isinf(bound) else math.inf
+    table = _Table.empty(problem)
+    widths, bands = problem.widths(limit), problem.band(limit)
+    scan = _Scan(problem.order, problem.memory_counts)
+    for i in range(problem.order.size - 1, -1, -1):
+        scan.start_at(i)
+        groups = _groups(problem, bands, widths, i)
+        if groups:
+            first, stop = min(g[1] for g in groups.values()), max(g[2] for g in groups.values())
+            _relax(_Rows(problem, scan, i, first, stop), table, groups)
+    root = min(problem.roots, key=lambda s: (table.best[s, 0], table.end[s, 0], s))
+    value = float(table.best[root, 0])
+    if not (math.isfinite(value) and value <= limit):
+        return None
+    return _Answer(value, _walk(problem, root, table))
+
+
+def _groups(problem: _Problem, bands: list[tuple[int, int]], widths: dict[int, list[int]], i: int
+            ) -> dict[_RowKey, _Group]:
+    """The moves worth trying from start ``i``, grouped by cost row.
+
+    A move is tried from states whose band holds i, at ends within the bound's window whose
+    next start lies in the band of the state the move leads to.
+    """
+    groups: dict[_RowKey, _Group] = {}
+    for s, (low, high) in enumerate(bands):
+        if not low <= i <= high:
+            continue
+        for move in problem.moves[s]:
+            next_low, next_high = bands[move.successor]
+            first, stop = max(0, next_low - 1 - i), min(widths[move.replicas][i], next_high - i)
+            if first >= stop:
+                continue
+            members, low_end, high_end = groups.get(move.key, ([], first, stop))
+            members.append((s, move))
+            groups[move.key] = (members, min(low_end, first), max(high_end, stop))
+    return groups
+
+
+def _relax(rows: _Rows, table: _Table, groups: dict[_RowKey, _Group]) -> None:
+    """Fill the table at start ``rows.i``: each state's best move, ties to the earliest end."""
+    i = rows.i
+    chosen: dict[int, tuple[float, int, int]] = {}
+    for key, (members, first, stop) in groups.items():
+        row = rows.row(key)[first - rows.first : stop - rows.first]
+        following = table.best[:, i + 1 + first : i + 1 + stop]
+        if len(members) == 1:
+            candidates = np.maximum(following[members[0][1].successor], row)
+            ends = [int(candidates.argmin())]
+            values = [float(candidates[ends[0]])]
+        else:
+            candidates = np.maximum(following[[move.successor for _, move in members]], row)
+            ends = candidates.argmin(axis=1)
+            values = candidates[np.arange(len(members)), ends].tolist()
+            ends = ends.tolist()
+        for (s, move), j, value in zip(members, ends, values):
+            option = (value, i + first + j, move.replicas)
+            if s not in chosen or option < chosen[s]:
+                chosen[s] = option
+    for s, (value, j, m) in chosen.items():
+        table.best[s, i], table.end[s, i], table.replicas[s, i] = value, j, m
+
+
+def _walk(problem: _Problem, state: int, table: _Table) -> list[tuple[int, int, int]]:
+    """The stages of the chosen solution, following each state's best move from node 0."""
+    stages, i = [], 0
+    while i < problem.order.size:
+        j, m = int(table.end[state, i]), int(table.replicas[state, i])
+        stages.append((i, j, m))
+        state = next(move.successor for move in problem.moves[state] if move.replicas == m)
+        i = j + 1
+    return stages
+
+
+# --- evaluating and reporting ---------------------------------------------------------------
+
+
+def _stage_times(coarse: nx.DiGraph, order: _Order, machine: _Machine, stages: list[tuple[int, int, int]],
+                 options: PartitionOptions) -> list[float]:
+    """Every stage's time as the program defines it, priced by ``autopipe.cost.stage_costs``.
+
+    Sends use the bandwidth of the link after the stage's last device; inf marks a stage over
+    the memory limit.
+    """
+    stage_of = {order.nodes[r]: s for s, (first, last, _) in enumerate(stages) for r in range(first, last + 1)}
+    base = stage_costs(coarse, stage_of, len(stages), options.cost)
+    priced: dict[float, list] = {options.cost.bandwidth: base}
+    times, device = [], 0
+    for s, (first, last, m) in enumerate(stages):
+        key = machine.key(device, m, 0)
+        device += m
+        if key.send_bandwidth not in priced:
+            priced[key.send_bandwidth] = stage_costs(coarse, stage_of, len(stages),
+                                                     replace(options.cost, bandwidth=key.send_bandwidth))
+        if options.devices:
+            compute = max(float(order.node_ms[t, first : last + 1].sum()) for t in key.types)
+        else:
+            compute = base[s].compute_ms
+        reduce = replace(options.cost, bandwidth=key.reduce_bandwidth) if m > 1 else options.cost
+        time = replicated_ms(compute, priced[key.send_bandwidth][s].comm_ms, base[s].param_bytes, m, reduce)
+        limit = options.cost.memory_limit
+        times.append(math.inf if limit is not None and base[s].memory_bytes > limit else time)
+    return times
+
+
+def stage_times(coarse: nx.DiGraph, plan: Plan, options: PartitionOptions) -> list[float]:
+    """The pipedream objective of every stage of a plan: what the program minimizes the max of."""
+    order = _flatten(coarse, list(options.devices) or [None])
+    ranks = [plan.stage_of[node] for node in order.nodes]
+    if any(b < a for a, b in pairwise(ranks)):
+        raise ValueError("the plan's stages are not contiguous in the topological order")
+    count = ranks[-1] + 1
+    replicas = plan.replicas or (1,) * count
+    stages = [(ranks.index(s), len(ranks) - 1 - ranks[::-1].index(s), replicas[s]) for s in range(count)]
+    machine, _ = _machine(sum(replicas), options)
+    return _stage_times(coarse, order, machine, stages, options)
+
+
+def _plan(order: _Order, stages: list[tuple[int, int, int]], replication: bool) -> Plan:
+    stage_of = {order.nodes[r]: s for s, (first, last, _) in enumerate(stages) for r in range(first, last + 1)}
+    return Plan(stage_of, tuple(m for _, _, m in stages) if replication else None)
+
+
+def _trials(problem: _Problem) -> list[float]:
+    """Bounds to try when nothing better is known: multiples of the lower bound spread over
+    all devices, then none."""
+    total = problem.memory_lower if problem.objective == "memory" else problem.order.fastest
+    lower = float(total[-1]) / problem.machine.size
+    return [lower * f for f in _TRIAL_FACTORS if lower > 0] + [math.inf]
+
+
+def _search(problem: _Problem, bounds: list[float]) -> _Answer | None:
+    """The optimum, from the first bound that admits a solution; None if none does."""
+    for bound in bounds:
+        answer = _solve(problem, bound)
+        if answer is not None:
+            return answer
+    return None
+
+
+def _evaluate(problem: _Problem, coarse: nx.DiGraph, stages: list[tuple[int, int, int]]) -> float:
+    """A partition's objective priced by autopipe.cost (memory plus the estimate's byte)."""
+    order, machine, options = problem.order, problem.machine, problem.options
+    if problem.objective == "time":
+        return max(_stage_times(coarse, order, machine, stages, options))
+    stage_of = _plan(order, stages, options.replication).stage_of
+    return max(c.memory_bytes for c in stage_costs(coarse, stage_of, len(stages), options.cost)) + 2.0
+
+
+def _guess(problem: _Problem, coarse: nx.DiGraph) -> float:
+    """An upper bound on the optimum: the best partition that cuts only between blocks of
+    nodes, solved on the merged order and priced exactly; inf when there is none."""
+    order, machine, options = problem.order, problem.machine, problem.options
+    stride = math.ceil(order.size / _GUESS_BLOCKS)
+    if stride == 1 or (not options.replication and math.ceil(order.size / stride) < machine.size):
+        return math.inf
+    merged = _Problem(order.blocks(stride), machine, options, problem.objective)
+    answer = _search(merged, _trials(merged))
+    if answer is None:
+        return math.inf
+    return _evaluate(problem, coarse, [(a * stride, min((b + 1) * stride, order.size) - 1, m)
+                                       for a, b, m in answer.stages])
+
+
+def _optimum(problem: _Problem, guess: float) -> _Answer | None:
+    """The exact optimum, starting from an upper bound when there is one."""
+    return _search(problem, [guess, math.inf] if math.isfinite(guess) else _trials(problem))
+
+
+def _least_memory(coarse: nx.DiGraph, order: _Order, machine: _Machine, options: PartitionOptions
+                  ) -> tuple[list[tuple[int, int, int]], int]:
+    """The partition whose largest stage memory is smallest, and that memory in bytes."""
+    problem = _Problem(order, machine, options, "memory")
+    answer = _optimum(problem, _guess(problem, coarse))
+    assert answer is not None
+    stage_of = _plan(order, answer.stages, options.replication).stage_of
+    costs = stage_costs(coarse, stage_of, len(answer.stages), options.cost)
+    return answer.stages, max(c.memory_bytes for c in costs)
+
+
+def _time_bound(coarse: nx.DiGraph, problem: _Problem) -> float:
+    """An upper bound on the best time. Under a memory limit where blocks find no partition,
+    the least-memory partition gives one, or shows that none fits (a UserError)."""
+    guess = _guess(problem, coarse)
+    limit, options = problem.options.cost.memory_limit, problem.options
+    if math.isfinite(guess) or limit is None:
+        return guess
+    stages, needed = _least_memory(coarse, problem.order, problem.machine, options)
+    if needed > limit:
+        raise _no_fit(problem, needed)
+    return max(_stage_times(coarse, problem.order, problem.machine, stages, options))
+
+
+def _no_fit(problem: _Problem, needed: int) -> UserError:
+    """The error for a memory limit below what the least-memory partition needs."""
+    p, limit = problem.machine.size, problem.options.cost.memory_limit or 0.0
+    split = f"over {p} devices" if problem.options.replication else f"into {p} stages"
+    have, need = _gigabytes(limit, needed)
+    return UserError(f"no split {split} fits in {have} GB: the best needs {need} GB per device; "
+                     "raise -p or --memory_limit")
+
+
+def _gigabytes(limit: float, needed: float) -> tuple[str, str]:
+    """Both amounts in GB with two decimals, or as many more as it takes to tell them apart."""
+    for digits in range(2, 10):
+        have, need = f"{limit / 1e9:.{digits}f}", f"{needed / 1e9:.{digits}f}"
+        if have != need:
+            break
+    return have, need
+
+
+def solve_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> Solution:
+    """The optimal contiguous partition, its bottleneck and stage times. See the module doc.
+
+    Ties go to earlier cuts: each stage ends as early as it can while the rest stays optimal.
+    Raises UserError when no partition fits the memory limit, naming what the best one needs.
+    """
+    if n_stages < 1:
+        raise UserError(f"the number of stages must be at least 1, got {n_stages}")
+    machine, groups = _machine(n_stages, options)
+    order = _flatten(coarse, groups)
+    if order.size == 0:
+        raise UserError("the graph has no nodes to partition")
+    if not options.replication and order.size < machine.size:
+        raise UserError(f"the model has {order.size} units that can go to different stages; "
+                        f"{machine.size} stages is more than that: lower -p")
+    problem = _Problem(order, machine, options, "time")
+    answer = _optimum(problem, _time_bound(coarse, problem))
+    if answer is None:
+        raise _no_fit(problem, _least_memory(coarse, order, machine, options)[1])
+    times = _stage_times(coarse, order, machine, answer.stages, options)
+    return Solution(_plan(order, answer.stages, options.replication), answer.value, tuple(times))
+
+
+def partition_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> Plan:
+    """The `pipedream` method: PipeDream's dynamic program (see the module doc)."""
+    return solve_pipedream(coarse, n_stages, options).plan
+
+
+# --- server files ---------------------------------------------------------------------------
+
+
+def load_server_file(path: str | Path) -> tuple[DeviceGroup, ...]:
+    """Read a SparsePipe server file: a server name line, then ``<gpu_type> <count> <profile>``
+    lines, repeated per server; blank lines and ``#`` comments are skipped.
+
+    ``<profile>`` is a JSON file (relative to the server file) mapping fine node names to
+    forward + backward ms, or a number: how many times slower than the profiled device that
+    type is (a ``RelativeDeviceGroup``, resolved against the graph being partitioned).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UserError(f"cannot read server file {path}: {error.strerror or error}") from error
+    groups: list[DeviceGroup] = []
+    server, server_line, servers = None, "", set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        fields = raw.split("#", 1)[0].split()
+        where = f"{path} line {number}"
+        if len(fields) == 1:
+            _check_server_done(server, server_line, groups)
+            if fields[0] in servers:
+                raise UserError(f"{where}: server {fields[0]} is listed twice")
+            server, server_line = fields[0], where
+            servers.add(server)
+        elif len(fields) == 3:
+            if server is None:
+                raise UserError(f"{where}: a GPU line before any server name")
+            groups.append(_device_group(server, fields, path.parent, where))
+        elif fields:
+            raise UserError(f"{where}: expected a server name or '<gpu_type> <count> <profile>', "
+                            f"got {raw.strip()!r}")
+    _check_server_done(server, server_line, groups)
+    if not groups:
+        raise UserError(f"server file {path} lists no GPUs")
+    return tuple(groups)
+
+
+def _check_server_done(server: str | None, where: str, groups: list[DeviceGroup]) -> None:
+    if server is not None and not any(g.server == server for g in groups):
+        raise UserError(f"{where}: server {server} lists no GPUs")
+
+
+def _device_group(server: str, fields: list[str], folder: Path, where: str) -> DeviceGroup:
+    """One ``<gpu_type> <count> <profile>`` line as a device group."""
+    gpu, count_text, profile = fields
+    if not count_text.isdigit() or int(count_text) < 1:
+        raise UserError(f"{where}: the GPU count must be a positive integer, got {count_text!r}")
+    count = int(count_text)
+    try:
+        slowdown = float(profile)
+    except ValueError:
+        return DeviceGroup(server, gpu, count, _read_profile(folder / profile, where))
+    if not math.isfinite(slowdown) or slowdown <= 0:
+        raise UserError(f"{where}: a slowdown factor must be a positive number, got {profile!r}")
+    return RelativeDeviceGroup(server, gpu, count, {}, slowdown)
+
+
+def _read_profile(path: Path, where: str) -> dict[str, float]:
+    """A JSON profile: fine node name -> forward + backward ms."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise UserError(f"{where}: cannot read profile {path}: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: profile {path} is not JSON: {error.msg} at line {error.lineno}") from error
+    if not isinstance(data, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for v in data.values()):
+        raise UserError(f"{where}: profile {path} must map node names to non-negative milliseconds")
+    return {str(k): float(v) for k, v in data.items()}
