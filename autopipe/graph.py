@@ -30,14 +30,42 @@ _VIEW_METHODS = frozenset(
     "movedim swapaxes real imag".split()
 )
 _VIEW_FUNCTIONS = frozenset(
-    {torch.transpose, torch.permute, torch.narrow, torch.select, torch.squeeze, torch.unsqueeze,
-     torch.flatten, torch.split, torch.chunk, torch.unbind, torch.reshape, torch.t, torch.movedim,
-     torch.diagonal, torch.detach, operator.getitem}
+    {
+        torch.transpose,
+        torch.permute,
+        torch.narrow,
+        torch.select,
+        torch.squeeze,
+        torch.unsqueeze,
+        torch.flatten,
+        torch.split,
+        torch.chunk,
+        torch.unbind,
+        torch.reshape,
+        torch.t,
+        torch.movedim,
+        torch.diagonal,
+        torch.detach,
+        operator.getitem,
+    }
 )
 _INPLACE_OPERATORS = frozenset(
-    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-     operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
-     operator.ilshift, operator.irshift, operator.setitem}
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.imatmul,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+        operator.setitem,
+    }
 )
 
 
@@ -63,14 +91,22 @@ def _describe(value: Any, other: Any) -> ValueInfo:
     leaves = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
     nbytes = sum(t.numel() * t.element_size() for t in leaves)
     if not isinstance(value, torch.Tensor):
-        return ValueInfo(False, None, None, any(t.requires_grad for t in leaves), None, nbytes,
-                         type(value).__name__)
+        return ValueInfo(
+            False,
+            None,
+            None,
+            any(t.requires_grad for t in leaves),
+            None,
+            nbytes,
+            type(value).__name__,
+        )
     shape = tuple(value.shape)
     batch_dim = None
     if isinstance(other, torch.Tensor) and other.dim() == value.dim():
         batch_dim = next((d for d, (a, b) in enumerate(zip(shape, other.shape)) if a != b), None)
-    return ValueInfo(True, shape, dtype_name(value.dtype), value.requires_grad, batch_dim, nbytes,
-                     "Tensor")
+    return ValueInfo(
+        True, shape, dtype_name(value.dtype), value.requires_grad, batch_dim, nbytes, "Tensor"
+    )
 
 
 class _Recorder(fx.Interpreter):
@@ -97,10 +133,18 @@ class _Recorder(fx.Interpreter):
 def _shallow_meta(value: Any) -> Any:
     """Keep only what describes a value, so fake or real tensors can be let go."""
     leaves, spec = tree_flatten(value)
-    kept = [torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
-            if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) else
-            torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
-            for t in leaves]
+    kept = [
+        (
+            torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
+            if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+            else (
+                torch.empty(t.shape, dtype=t.dtype, device="meta")
+                if isinstance(t, torch.Tensor)
+                else t
+            )
+        )
+        for t in leaves
+    ]
     return spec.unflatten(kept) if not isinstance(value, torch.Tensor) else kept[0]
 
 
@@ -110,8 +154,14 @@ def _grow_batch(inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
     if not tensors:
         return None
     batch = tensors[0].shape[0]
-    return tuple(torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() > 0
-                 and t.shape[0] == batch else t for t in inputs)
+    return tuple(
+        (
+            torch.cat([t, t[:1]])
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
+            else t
+        )
+        for t in inputs
+    )
 
 
 def _run(module: fx.GraphModule, inputs: tuple[Any, ...], fake: bool) -> dict[str, Any]:
@@ -119,7 +169,9 @@ def _run(module: fx.GraphModule, inputs: tuple[Any, ...], fake: bool) -> dict[st
     if fake:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
-            recorder.run(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs])
+            recorder.run(
+                *[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+            )
     else:
         with torch.random.fork_rng():
             recorder.run(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
@@ -223,15 +275,19 @@ def build_graph(traced: TraceResult, values: dict[str, ValueInfo]) -> nx.DiGraph
             scope_type=scope_type,
             value=info,
             state_bytes={k: t.numel() * t.element_size() for k, t in state.items()},
-            param_bytes=sum(t.numel() * t.element_size() for t in state.values()
-                            if isinstance(t, nn.Parameter)),
+            param_bytes=sum(
+                t.numel() * t.element_size() for t in state.values() if isinstance(t, nn.Parameter)
+            ),
             inplace=is_inplace(node, root),
             view=is_view(node),
         )
         for source in node.all_input_nodes:
-            graph.add_edge(source.name, node.name, bytes=values[source.name].nbytes
-                           if source.name in values else 0,
-                           grad=values[source.name].requires_grad if source.name in values else False)
+            graph.add_edge(
+                source.name,
+                node.name,
+                bytes=values[source.name].nbytes if source.name in values else 0,
+                grad=values[source.name].requires_grad if source.name in values else False,
+            )
     graph.graph["outputs"] = outputs
     graph.graph["inputs"] = [n.name for n in root.graph.nodes if n.op == "placeholder"]
     return graph
@@ -240,7 +296,9 @@ def build_graph(traced: TraceResult, values: dict[str, ValueInfo]) -> nx.DiGraph
 def _target_name(node: fx.Node) -> str:
     if isinstance(node.target, str):
         return node.target
-    return getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", repr(node.target))
+    return getattr(node.target, "__qualname__", None) or getattr(
+        node.target, "__name__", repr(node.target)
+    )
 
 
 def topological_order(graph: nx.DiGraph) -> list[str]:
@@ -275,7 +333,9 @@ def _mutated_root(graph: nx.DiGraph, node: str, fx_nodes: dict[str, fx.Node]) ->
     if target is None:
         inputs = fx_nodes[node].all_input_nodes
         target = inputs[0] if inputs else None
-    while target is not None and (graph.nodes[target.name]["view"] or graph.nodes[target.name]["inplace"]):
+    while target is not None and (
+        graph.nodes[target.name]["view"] or graph.nodes[target.name]["inplace"]
+    ):
         inner = target.args[0] if target.args and isinstance(target.args[0], fx.Node) else None
         if inner is None:
             break
@@ -290,40 +350,41 @@ def _aliases(graph: nx.DiGraph, root: str, fx_nodes: dict[str, fx.Node]) -> set[
         node = stack.pop()
         for succ in graph.successors(node):
             args = fx_nodes[succ].args
-            if (succ not in found and (graph.nodes[succ]["view"] or graph.nodes[succ]["inplace"])
-                    and args and isinstance(args[0], fx.Node) and args[0].name == node):
+            if (
+                succ not in found
+                and (graph.nodes[succ]["view"] or graph.nodes[succ]["inplace"])
+                and args
+                and isinstance(args[0], fx.Node)
+                and args[0].name == node
+            ):
                 found.add(succ)
                 stack.append(succ)
     return found
 
 
 def _must_share_stage_with_write(
-    graph: nx.DiGraph, node: str, root: str | None, fx_nodes: dict[str, fx.Node], order: dict[str, int]
+    graph: nx.DiGraph,
+    node: str,
+    root: str | None,
+    fx_nodes: dict[str, fx.Node],
+    order: dict[str, int],
 ) -> list[str]:
     """The movable nodes that must run in the same stage as ``node``, which writes into ``root``."""
     if root is None:
         return []
-    op = graph.nodes[root]["op"]
-    if op == "placeholder":
-        return [n for n in graph.nodes if order[n] < order[node] and graph.nodes[n]["op"] not in ("placeholder", "get_attr")]
-    if op == "get_attr":
+    if graph.nodes[root]["op"] in ("placeholder", "get_attr"):
         target = fx_nodes[root].target
-        roots = [n for n in graph.nodes if graph.nodes[n]["op"] == "get_attr" and fx_nodes[n].target == target]
+        roots = [
+            n
+            for n in graph.nodes
+            if graph.nodes[n]["op"] == graph.nodes[root]["op"] and fx_nodes[n].target == target
+        ]
         aliases = set().union(*(_aliases(graph, r, fx_nodes) for r in roots))
-        return [s for a in aliases for s in graph.successors(a)] + [a for a in aliases if a not in roots]
+        return [s for a in aliases for s in graph.successors(a)] + [
+            a for a in aliases if a not in roots
+        ]
     aliases = _aliases(graph, root, fx_nodes)
     return [root] + [s for a in aliases for s in graph.successors(a) if order[s] < order[node]]
-
-
-def _ancestors(graph: nx.DiGraph, members: set[str]) -> set[str]:
-    """Every node with a path to a member."""
-    found, stack = set(), list(members)
-    while stack:
-        for pred in graph.predecessors(stack.pop()):
-            if pred not in found:
-                found.add(pred)
-                stack.append(pred)
-    return found
 
 
 def placement_groups(graph: nx.DiGraph, module: fx.GraphModule) -> list[set[str]]:
@@ -333,9 +394,8 @@ def placement_groups(graph: nx.DiGraph, module: fx.GraphModule) -> list[set[str]
     - An in-place operation stays with the node that made the tensor it writes into, so every
       later reader, in any stage, sees the value the original program would; so does every
       earlier reader of that tensor (or of a view of it), which must not see the write.
-    - A write into a model input stays where inputs live, in stage 0: its group holds everything
-      before it in the program and everything its members depend on, so that it comes first.
-    - A write into a parameter or buffer stays with every reader of it, so one stage holds it.
+    - A write into a parameter or buffer stays with every reader of it, so one stage holds it;
+      so does a write into an input (``autopipe.trace`` makes the program write into a copy).
     Inputs and parameter reads are left out: inputs live in stage 0, parameter reads are
     repeated in every stage that needs them.
     """
@@ -357,7 +417,6 @@ def placement_groups(graph: nx.DiGraph, module: fx.GraphModule) -> list[set[str]
                 parent[max(a, b, key=order.__getitem__)] = min(a, b, key=order.__getitem__)
 
     movable = {n for n in graph.nodes if graph.nodes[n]["op"] not in ("placeholder", "get_attr")}
-    first = set()
     for n in sorted(movable, key=order.__getitem__):
         data = graph.nodes[n]
         if not data["value"].is_tensor:
@@ -365,20 +424,17 @@ def placement_groups(graph: nx.DiGraph, module: fx.GraphModule) -> list[set[str]
         if data["inplace"]:
             root = _mutated_root(graph, n, fx_nodes)
             union([n, *_must_share_stage_with_write(graph, n, root, fx_nodes, order)])
-            if root is not None and graph.nodes[root]["op"] == "placeholder":
-                first.add(n)
     while True:
         groups: dict[str, set[str]] = {}
         for n in movable:
             groups.setdefault(find(n), set()).add(n)
         changed = False
         for members in groups.values():
-            closed = _convex_closure(graph, members, order) & movable if len(members) > 1 else members
-            if members & first:
-                closed = closed | (_ancestors(graph, closed) & movable)
-            if closed != members:
-                union(closed)
-                changed = True
+            if len(members) > 1:
+                closed = _convex_closure(graph, members, order) & movable
+                if closed != members:
+                    union(closed)
+                    changed = True
         if not changed:
             break
     return sorted(groups.values(), key=lambda g: min(order[n] for n in g))
@@ -395,7 +451,9 @@ def contract(graph: nx.DiGraph, groups: list[set[str]]) -> nx.DiGraph:
     """
     owner = {n: i for i, g in enumerate(groups) for n in g}
     param_bytes = [sum(graph.nodes[n]["param_bytes"] for n in members) for members in groups]
-    state_bytes = [sum(sum(graph.nodes[n]["state_bytes"].values()) for n in members) for members in groups]
+    state_bytes = [
+        sum(sum(graph.nodes[n]["state_bytes"].values()) for n in members) for members in groups
+    ]
     for n in graph.nodes:
         readers = [s for s in graph.successors(n) if s in owner]
         if graph.nodes[n]["op"] == "get_attr" and readers:
@@ -414,9 +472,14 @@ def contract(graph: nx.DiGraph, groups: list[set[str]]) -> nx.DiGraph:
             state_bytes=state_bytes[i],
             forward_ms=sum(d.get("forward_ms", 0.0) for d in nodes),
             backward_ms=sum(d.get("backward_ms", 0.0) for d in nodes),
-            activation_bytes=sum(d["value"].nbytes for d in nodes if d["value"].is_tensor and not d["view"]),
-            sends={n: (graph.nodes[n]["value"].nbytes, graph.nodes[n]["value"].requires_grad) for n in ordered
-                   if any(owner.get(s, i) != i for s in graph.successors(n))},
+            activation_bytes=sum(
+                d["value"].nbytes for d in nodes if d["value"].is_tensor and not d["view"]
+            ),
+            sends={
+                n: (graph.nodes[n]["value"].nbytes, graph.nodes[n]["value"].requires_grad)
+                for n in ordered
+                if any(owner.get(s, i) != i for s in graph.successors(n))
+            },
         )
     for u, v in graph.edges:
         if u in owner and v in owner and owner[u] != owner[v]:

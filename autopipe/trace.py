@@ -47,7 +47,10 @@ class LeafPolicy:
         if qualname in self.auto_leaves or is_torch_layer(module):
             return True
         cls = type(module)
-        if cls.__name__ in self.basic_blocks or f"{cls.__module__}.{cls.__qualname__}" in self.basic_blocks:
+        if (
+            cls.__name__ in self.basic_blocks
+            or f"{cls.__module__}.{cls.__qualname__}" in self.basic_blocks
+        ):
             return True
         return self.depth is not None and qualname != "" and qualname.count(".") + 1 > self.depth
 
@@ -146,7 +149,9 @@ def bind_inputs(
         elif p.default is not p.empty:
             constants[p.name] = p.default
         else:
-            raise UserError(f"{type(model).__name__}.forward needs input {p.name!r}; pass it in example_inputs")
+            raise UserError(
+                f"{type(model).__name__}.forward needs input {p.name!r}; pass it in example_inputs"
+            )
     return names, tuple(inputs), constants
 
 
@@ -165,7 +170,9 @@ def trace(
             graph = tracer.trace(model, concrete_args=constants or None)
             break
         except _SubmoduleFailed as failure:
-            log.info("tracing %s failed, keeping it as a leaf: %s", failure.qualname, failure.reason)
+            log.info(
+                "tracing %s failed, keeping it as a leaf: %s", failure.qualname, failure.reason
+            )
             policy.auto_leaves[failure.qualname] = failure.reason
         except Exception as error:
             raise UserError(
@@ -173,8 +180,38 @@ def trace(
                 "move that code into a submodule (it then becomes a leaf) or name it with --basic_blocks"
             ) from error
     _drop_constant_inputs(graph, model, set(constants))
+    _copy_written_inputs(graph, model)
     graph_module = fx.GraphModule(model, graph, class_name=type(model).__name__)
     return TraceResult(graph_module, names, inputs, dict(policy.auto_leaves))
+
+
+def _copy_written_inputs(graph: fx.Graph, model: nn.Module) -> None:
+    """Make the program copy each input it writes into in place, and use the copy throughout.
+
+    The write then goes into a value that a node makes, so it is placed like any other write
+    (see ``autopipe.graph.placement_groups``) and every later reader, in any stage, gets the
+    written value; inputs themselves are only ever read. Stages never wrote into the caller's
+    tensors anyway: what crosses to a stage is a copy.
+    """
+    from autopipe.graph import is_inplace, is_view  # autopipe.graph imports this module
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for placeholder in placeholders:
+        aliases, written = {placeholder}, False
+        for node in graph.nodes:
+            if node.args and node.args[0] in aliases:
+                if is_inplace(node, model):
+                    aliases.add(node)
+                    written = True
+                elif is_view(node):
+                    aliases.add(node)
+        if not written:
+            continue
+        with graph.inserting_after(placeholders[-1]):
+            copy = graph.call_method("clone", (placeholder,))
+        placeholder.replace_all_uses_with(
+            copy, delete_user_cb=lambda user, copy=copy: user is not copy
+        )
 
 
 def _drop_constant_inputs(graph: fx.Graph, model: nn.Module, constant_names: set[str]) -> None:

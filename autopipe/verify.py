@@ -19,7 +19,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from autopipe.trace import bind_inputs
 
-_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_DROPOUT_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 class VerificationError(AssertionError):
@@ -34,8 +41,10 @@ class VerifyReport:
     max_difference: float
 
     def __str__(self) -> str:
-        return (f"{self.outputs} outputs, {self.gradients} parameter gradients and {self.buffers} "
-                f"buffers match the original (largest difference {self.max_difference:.3g})")
+        return (
+            f"{self.outputs} outputs, {self.gradients} parameter gradients and {self.buffers} "
+            f"buffers match the original (largest difference {self.max_difference:.3g})"
+        )
 
 
 def _switch_off_dropout(module: nn.Module) -> None:
@@ -52,14 +61,6 @@ def _receive(value: Any, spec: Mapping[str, Any]) -> Any:
     if spec.get("requires_grad") and (received.is_floating_point() or received.is_complex()):
         received.requires_grad_(True)
     return received
-
-
-def _given(value: Any) -> Any:
-    """A model input as the first stage gets it: a fresh copy of what the user gave, not a value
-    received over the wire (its spec describes it as later stages get it, after any write)."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.detach().clone().requires_grad_(value.requires_grad)
 
 
 def _differs(found: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> float | None:
@@ -105,10 +106,13 @@ def verify(
     torch.manual_seed(seed)
     # the model may write into its inputs: it gets copies, so the stages see the inputs as given
     copies = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, inputs)
-    expected_outputs = [t for t in tree_flatten(original(**dict(zip(names, copies))))[0] if isinstance(t, torch.Tensor)]
+    expected = original(**dict(zip(names, copies)))
+    expected_outputs = [t for t in tree_flatten(expected)[0] if isinstance(t, torch.Tensor)]
     generator = torch.Generator().manual_seed(seed)
-    output_grads = [torch.randn(t.shape, generator=generator, dtype=t.dtype) if t.requires_grad else None
-                    for t in expected_outputs]
+    output_grads = [
+        torch.randn(t.shape, generator=generator, dtype=t.dtype) if t.requires_grad else None
+        for t in expected_outputs
+    ]
     pairs = [(t, g) for t, g in zip(expected_outputs, output_grads) if g is not None]
     if pairs:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
@@ -118,22 +122,27 @@ def verify(
     received: list[list[Any]] = []
     produced: list[tuple[Any, ...]] = []
     for index, (stage, spec) in enumerate(zip(stages, pipeline["stages"])):
-        args = [_receive(values[name], spec["values"][name]) if index else _given(values[name])
-                for name in spec["inputs"]]
+        args = [_receive(values[name], spec["values"][name]) for name in spec["inputs"]]
         outputs = stage(*args)
         if len(outputs) != len(spec["outputs"]):
-            raise VerificationError(f"stage {index} returned {len(outputs)} values, PIPELINE lists {len(spec['outputs'])}")
+            raise VerificationError(
+                f"stage {index} returned {len(outputs)} values, PIPELINE lists {len(spec['outputs'])}"
+            )
         values.update(zip(spec["outputs"], outputs))
         received.append(args)
         produced.append(outputs)
 
     found_outputs = list(produced[-1])
     if len(found_outputs) != len(expected_outputs):
-        raise VerificationError(f"the stages return {len(found_outputs)} outputs, the model {len(expected_outputs)}")
+        raise VerificationError(
+            f"the stages return {len(found_outputs)} outputs, the model {len(expected_outputs)}"
+        )
     for name, found, expected in zip(pipeline["model_outputs"], found_outputs, expected_outputs):
         difference = _differs(found.detach(), expected.detach(), rtol, atol)
         if difference is not None:
-            raise VerificationError(f"output {name!r} (stage {len(stages) - 1}) differs by {difference:.3g}")
+            raise VerificationError(
+                f"output {name!r} (stage {len(stages) - 1}) differs by {difference:.3g}"
+            )
 
     # the model's output gradients enter at the last stage only; a value an earlier stage sends
     # on to be returned gets them back through the last stage's input
@@ -146,22 +155,32 @@ def verify(
         spec = pipeline["stages"][index]
         upstream = seeds if index == len(stages) - 1 else grads
         # a value listed twice (a model returning it twice) already has its gradients summed
-        pairs = [(t, upstream[name]) for name, t in dict(zip(spec["outputs"], produced[index])).items()
-                 if isinstance(t, torch.Tensor) and t.requires_grad and name in upstream]
+        pairs = [
+            (t, upstream[name])
+            for name, t in dict(zip(spec["outputs"], produced[index])).items()
+            if isinstance(t, torch.Tensor) and t.requires_grad and name in upstream
+        ]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         for name, arg in zip(spec["inputs"], received[index]):
-            if isinstance(arg, torch.Tensor) and arg.is_leaf and arg.grad is not None:
+            if isinstance(arg, torch.Tensor) and arg.grad is not None:
                 grads[name] = grads[name] + arg.grad if name in grads else arg.grad
 
     checked = _compare_state(original, stages, rtol, atol)
     compared = list(zip(found_outputs, expected_outputs)) + checked
     gradients = sum(1 for _, p in original.named_parameters() if p.grad is not None)
     buffers = len(list(original.named_buffers()))
-    return VerifyReport(len(expected_outputs), gradients, buffers, _max_difference([(a.detach(), b.detach()) for a, b in compared]))
+    return VerifyReport(
+        len(expected_outputs),
+        gradients,
+        buffers,
+        _max_difference([(a.detach(), b.detach()) for a, b in compared]),
+    )
 
 
-def _compare_state(original: nn.Module, stages: list[nn.Module], rtol: float, atol: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _compare_state(
+    original: nn.Module, stages: list[nn.Module], rtol: float, atol: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Compare gradients (summed over every copy of a tied parameter) and buffers by original name."""
     state = original.state_dict(keep_vars=True)
     copies: dict[int, dict[int, tuple[int, nn.Parameter]]] = {}
@@ -180,14 +199,18 @@ def _compare_state(original: nn.Module, stages: list[nn.Module], rtol: float, at
         where = ", ".join(str(i) for i in sorted({i for i, _ in held.values()}))
         if param.grad is None:
             if stage_grads and any(g.abs().max() > 0 for g in stage_grads):
-                raise VerificationError(f"parameter {name!r} (stage {where}) gets a gradient the original does not")
+                raise VerificationError(
+                    f"parameter {name!r} (stage {where}) gets a gradient the original does not"
+                )
             continue
         if not stage_grads:
             raise VerificationError(f"gradient of {name!r} (stage {where}) is missing")
         total = torch.stack(stage_grads).sum(0) if len(stage_grads) > 1 else stage_grads[0]
         difference = _differs(total, param.grad, rtol, atol)
         if difference is not None:
-            raise VerificationError(f"gradient of {name!r} (stage {where}) differs by {difference:.3g}")
+            raise VerificationError(
+                f"gradient of {name!r} (stage {where}) differs by {difference:.3g}"
+            )
         compared.append((total, param.grad))
     for name, buffer in original.named_buffers():
         if name not in stage_buffers:
@@ -195,6 +218,8 @@ def _compare_state(original: nn.Module, stages: list[nn.Module], rtol: float, at
         index, found = stage_buffers[name]
         difference = _differs(found, buffer, rtol, atol)
         if difference is not None:
-            raise VerificationError(f"buffer {name!r} (stage {index}) differs by {difference:.3g} after the step")
+            raise VerificationError(
+                f"buffer {name!r} (stage {index}) differs by {difference:.3g} after the step"
+            )
         compared.append((found, buffer))
     return compared

@@ -8,13 +8,13 @@ original model's weights; ``merge_state_dicts`` joins the stages' state dicts ba
 
 Analysis (predicted)
 stage    fwd ms    bwd ms  params MB    in MB   out MB  comm ms  memory GB
-    0     21.36     61.81     270.94     0.00    25.17     4.19      1.572
-    1     21.34     61.60     113.41    25.17    25.17     4.19      1.114
-    2     21.41     61.79     113.41    25.17    12.58     2.10      1.114
+    0     21.43     61.99     270.94     0.00    12.58     2.10      1.578
+    1     21.34     61.60     113.41    12.58    12.58     2.10      1.105
+    2     21.34     61.60     113.41    12.58    12.58     2.10      1.102
     3     20.17     60.49     154.40    12.58     0.00     0.00      0.675
-slowest stage 87.36 ms per batch, lower bound 82.49 ms (ratio 1.059); one device 329.95 ms
-gpipe with 4 microbatches: 150.63 ms per batch, 53.1 samples/s, 2.19x one device, peak memory 1.572 GB
-1f1b with 4 microbatches: 150.63 ms per batch, 53.1 samples/s, 2.19x one device, peak memory 1.572 GB
+slowest stage 85.51 ms per batch, lower bound 82.49 ms (ratio 1.037); one device 329.95 ms
+gpipe with 4 microbatches: 148.20 ms per batch, 54.0 samples/s, 2.23x one device, peak memory 1.578 GB
+1f1b with 4 microbatches: 148.20 ms per batch, 54.0 samples/s, 2.23x one device, peak memory 1.578 GB
 """
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 
 class Stage0(nn.Module):
-    """Stage 0: from wte to h.3.mlp.c_proj."""
+    """Stage 0: from wte to h.3.mlp.dropout."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,6 +115,7 @@ class Stage0(nn.Module):
                                 "c_fc": nn.Linear(768, 3072),
                                 "act": nn.GELU(approximate="tanh"),
                                 "c_proj": nn.Linear(3072, 768),
+                                "dropout": nn.Dropout(p=0.1),
                             }
                         ),
                     }
@@ -280,20 +281,18 @@ class Stage0(nn.Module):
         h_3_mlp_c_fc = self.h["3"].mlp.c_fc(h_3_ln_2)  # h.3.mlp.c_fc
         h_3_mlp_act = self.h["3"].mlp.act(h_3_mlp_c_fc)  # h.3.mlp.act
         h_3_mlp_c_proj = self.h["3"].mlp.c_proj(h_3_mlp_act)  # h.3.mlp.c_proj
-        return (
-            add_7,
-            h_3_mlp_c_proj,
-        )
+        h_3_mlp_dropout = self.h["3"].mlp.dropout(h_3_mlp_c_proj)  # h.3.mlp.dropout
+        add_8 = add_7 + h_3_mlp_dropout  # h.3 (GPT2Block)
+        return (add_8,)
 
 
 class Stage1(nn.Module):
-    """Stage 1: from h.3.mlp.dropout to h.7.mlp.c_proj."""
+    """Stage 1: from h.4.ln_1 to h.7.mlp.dropout."""
 
     def __init__(self) -> None:
         super().__init__()
         self.h = nn.ModuleDict(
             {
-                "3": nn.ModuleDict({"mlp": nn.ModuleDict({"dropout": nn.Dropout(p=0.1)})}),
                 "4": nn.ModuleDict(
                     {
                         "ln_1": nn.LayerNorm(768),
@@ -377,6 +376,7 @@ class Stage1(nn.Module):
                                 "c_fc": nn.Linear(768, 3072),
                                 "act": nn.GELU(approximate="tanh"),
                                 "c_proj": nn.Linear(3072, 768),
+                                "dropout": nn.Dropout(p=0.1),
                             }
                         ),
                     }
@@ -384,9 +384,7 @@ class Stage1(nn.Module):
             }
         )
 
-    def forward(self, add_7, h_3_mlp_c_proj) -> tuple:
-        h_3_mlp_dropout = self.h["3"].mlp.dropout(h_3_mlp_c_proj)  # h.3.mlp.dropout
-        add_8 = add_7 + h_3_mlp_dropout  # h.3 (GPT2Block)
+    def forward(self, add_8) -> tuple:
         h_4_ln_1 = self.h["4"].ln_1(add_8)  # h.4.ln_1
         h_4_attn_c_attn = self.h["4"].attn.c_attn(h_4_ln_1)  # h.4.attn.c_attn
         split_4 = h_4_attn_c_attn.split(768, dim=-1)  # h.4.attn (GPT2Attention)
@@ -537,20 +535,18 @@ class Stage1(nn.Module):
         h_7_mlp_c_fc = self.h["7"].mlp.c_fc(h_7_ln_2)  # h.7.mlp.c_fc
         h_7_mlp_act = self.h["7"].mlp.act(h_7_mlp_c_fc)  # h.7.mlp.act
         h_7_mlp_c_proj = self.h["7"].mlp.c_proj(h_7_mlp_act)  # h.7.mlp.c_proj
-        return (
-            add_15,
-            h_7_mlp_c_proj,
-        )
+        h_7_mlp_dropout = self.h["7"].mlp.dropout(h_7_mlp_c_proj)  # h.7.mlp.dropout
+        add_16 = add_15 + h_7_mlp_dropout  # h.7 (GPT2Block)
+        return (add_16,)
 
 
 class Stage2(nn.Module):
-    """Stage 2: from h.7.mlp.dropout to h.11.mlp.dropout."""
+    """Stage 2: from h.8.ln_1 to h.11.mlp.dropout."""
 
     def __init__(self) -> None:
         super().__init__()
         self.h = nn.ModuleDict(
             {
-                "7": nn.ModuleDict({"mlp": nn.ModuleDict({"dropout": nn.Dropout(p=0.1)})}),
                 "8": nn.ModuleDict(
                     {
                         "ln_1": nn.LayerNorm(768),
@@ -642,9 +638,7 @@ class Stage2(nn.Module):
             }
         )
 
-    def forward(self, add_15, h_7_mlp_c_proj) -> tuple:
-        h_7_mlp_dropout = self.h["7"].mlp.dropout(h_7_mlp_c_proj)  # h.7.mlp.dropout
-        add_16 = add_15 + h_7_mlp_dropout  # h.7 (GPT2Block)
+    def forward(self, add_16) -> tuple:
         h_8_ln_1 = self.h["8"].ln_1(add_16)  # h.8.ln_1
         h_8_attn_c_attn = self.h["8"].attn.c_attn(h_8_ln_1)  # h.8.attn.c_attn
         split_8 = h_8_attn_c_attn.split(768, dim=-1)  # h.8.attn (GPT2Attention)
@@ -829,7 +823,7 @@ PIPELINE = {
     "stages": [
         {
             "inputs": ["input_ids"],
-            "outputs": ["add_7", "h_3_mlp_c_proj"],
+            "outputs": ["add_8"],
             "values": {
                 "input_ids": {
                     "shape": [8, 512],
@@ -839,15 +833,7 @@ PIPELINE = {
                     "producer": None,
                     "consumers": [0],
                 },
-                "add_7": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "h_3_mlp_c_proj": {
+                "add_8": {
                     "shape": [8, 512, 768],
                     "dtype": "float32",
                     "requires_grad": True,
@@ -911,20 +897,20 @@ PIPELINE = {
             "buffers": [],
             "replicas": 1,
             "costs": {
-                "forward_ms": 21.3569,
-                "backward_ms": 61.8059,
-                "comm_ms": 4.1943,
+                "forward_ms": 21.4268,
+                "backward_ms": 61.9877,
+                "comm_ms": 2.0972,
                 "param_bytes": 270941184,
-                "send_bytes": 25165824,
+                "send_bytes": 12582912,
                 "recv_bytes": 0,
-                "memory_bytes": 1571604480,
+                "memory_bytes": 1577895936,
             },
         },
         {
-            "inputs": ["add_7", "h_3_mlp_c_proj"],
-            "outputs": ["add_15", "h_7_mlp_c_proj"],
+            "inputs": ["add_8"],
+            "outputs": ["add_16"],
             "values": {
-                "add_7": {
+                "add_8": {
                     "shape": [8, 512, 768],
                     "dtype": "float32",
                     "requires_grad": True,
@@ -932,23 +918,7 @@ PIPELINE = {
                     "producer": 0,
                     "consumers": [1],
                 },
-                "h_3_mlp_c_proj": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 0,
-                    "consumers": [1],
-                },
-                "add_15": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-                "h_7_mlp_c_proj": {
+                "add_16": {
                     "shape": [8, 512, 768],
                     "dtype": "float32",
                     "requires_grad": True,
@@ -1012,26 +982,18 @@ PIPELINE = {
             "costs": {
                 "forward_ms": 21.3376,
                 "backward_ms": 61.6046,
-                "comm_ms": 4.1943,
+                "comm_ms": 2.0972,
                 "param_bytes": 113405952,
-                "send_bytes": 25165824,
-                "recv_bytes": 25165824,
-                "memory_bytes": 1114333184,
+                "send_bytes": 12582912,
+                "recv_bytes": 12582912,
+                "memory_bytes": 1104896000,
             },
         },
         {
-            "inputs": ["add_15", "h_7_mlp_c_proj"],
+            "inputs": ["add_16"],
             "outputs": ["add_24"],
             "values": {
-                "add_15": {
-                    "shape": [8, 512, 768],
-                    "dtype": "float32",
-                    "requires_grad": True,
-                    "batch_dim": 0,
-                    "producer": 1,
-                    "consumers": [2],
-                },
-                "h_7_mlp_c_proj": {
+                "add_16": {
                     "shape": [8, 512, 768],
                     "dtype": "float32",
                     "requires_grad": True,
@@ -1101,13 +1063,13 @@ PIPELINE = {
             "buffers": [],
             "replicas": 1,
             "costs": {
-                "forward_ms": 21.4075,
-                "backward_ms": 61.7863,
+                "forward_ms": 21.3376,
+                "backward_ms": 61.6046,
                 "comm_ms": 2.0972,
                 "param_bytes": 113405952,
                 "send_bytes": 12582912,
-                "recv_bytes": 25165824,
-                "memory_bytes": 1114333184,
+                "recv_bytes": 12582912,
+                "memory_bytes": 1101750272,
             },
         },
         {
