@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Mapping, Sequence
@@ -74,7 +74,10 @@ def import_generated(path: Path) -> ModuleType:
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    """How node costs are obtained: ``flops`` (analytical, deterministic) or ``measured``."""
+    """How node costs are obtained: ``flops`` (analytical, deterministic) or ``measured``.
+
+    The fields are ``autopipe.profile.profile``'s keyword arguments.
+    """
 
     mode: str = "flops"
     device: str = "cpu"
@@ -117,21 +120,7 @@ def compile(  # noqa: A001 - the public name the API promises
     for qualname, reason in traced.auto_leaves.items():
         log.warning("kept %s as one layer: its tracing failed with %s", qualname, reason)
     graph = build_graph(traced, propagate_values(traced))
-    annotate(
-        graph,
-        profile(
-            traced,
-            graph,
-            mode=profiling.mode,
-            device=profiling.device,
-            device_spec=profiling.device_spec,
-            recomputation=profiling.recomputation,
-            save_memory_mode=profiling.save_memory_mode,
-            cache_name=profiling.cache_name,
-            overwrite_cache=profiling.overwrite_cache,
-            progress=profiling.progress,
-        ),
-    )
+    annotate(graph, profile(traced, graph, **asdict(profiling)))
     planned = partition(graph, traced.graph_module, n_stages, method, options)
     batch_size = _batch_size(traced)
     report = (

@@ -18,6 +18,7 @@ Both leave the user's model as it was: parameters and buffers are swapped for pr
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -227,7 +228,7 @@ class _Run:
     handed: list[torch.Tensor]
 
 
-class _NodeInterpreter(fx.Interpreter):
+class _NodeInterpreter(fx.Interpreter, abc.ABC):
     """Runs a graph node by node; subclasses say what to do with each costly node.
 
     ``profile_node`` gets the node and its inputs from the environment, records the node's
@@ -248,8 +249,9 @@ class _NodeInterpreter(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         return self.profile_node(n, args, kwargs)
 
+    @abc.abstractmethod
     def profile_node(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
-        raise NotImplementedError
+        """Run node ``n`` on ``args``, record its profile, and return its result."""
 
     def call(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         """Run one node on the given inputs (the Interpreter's own call_module/function/method)."""
