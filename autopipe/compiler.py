@@ -146,7 +146,11 @@ def compile(  # noqa: A001 - the public name the API promises
         header,
         extra={"model": name, "method": method, "batch_size": batch_size},
         original=model,
-        analysis=report.table() if report else None,
+        analysis=(
+            f"{_settings_line(profiling, options, batch_size)}\n{report.table()}"
+            if report
+            else None
+        ),
     )
     path = Path(output) if output is not None else default_output(name, n_stages, method)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +159,15 @@ def compile(  # noqa: A001 - the public name the API promises
     stages = module.build_stages(model.state_dict())
     return CompileResult(
         path, module, stages, module.PIPELINE, graph, planned, traced, report, model, example_inputs
+    )
+
+
+def _settings_line(profiling: ProfileSettings, options: PartitionOptions, batch: int | None) -> str:
+    """What the analysis assumed, in one line."""
+    where = profiling.device_spec if profiling.mode == "flops" else profiling.device
+    return (
+        f"{profiling.mode} profile on {where}, batch {batch}, {options.cost.bandwidth:g} GB/s links, "
+        f"{options.cost.microbatches} microbatches"
     )
 
 

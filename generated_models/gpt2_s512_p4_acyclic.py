@@ -7,6 +7,7 @@ says what each stage receives and sends. ``build_stages(state_dict)`` builds the
 original model's weights; ``merge_state_dicts`` joins the stages' state dicts back into one.
 
 Analysis (predicted)
+flops profile on v100, batch 8, 12 GB/s links, 4 microbatches
 stage    fwd ms    bwd ms  params MB    in MB   out MB  comm ms  memory GB
     0     21.43     61.99     270.94     0.00    12.58     2.10      1.578
     1     21.34     61.60     113.41    12.58    12.58     2.10      1.105

@@ -7,6 +7,7 @@ says what each stage receives and sends. ``build_stages(state_dict)`` builds the
 original model's weights; ``merge_state_dicts`` joins the stages' state dicts back into one.
 
 Analysis (predicted)
+flops profile on v100, batch 256, 12 GB/s links, 4 microbatches
 stage    fwd ms    bwd ms  params MB    in MB   out MB  comm ms  memory GB
     0     46.07    134.97       4.72     0.00   167.77    27.96      0.991
     1     47.96    141.47      14.96   167.77    83.89    13.98      0.905
