@@ -1,0 +1,183 @@
+"""Run one training step of a schedule on this rank: its F, B and S actions, in order.
+
+The executor knows nothing about GPipe or 1F1B; it runs the action list it is given. A forward
+keeps the microbatch's inputs and outputs until its backward, which frees them. The last stage
+turns outputs into a loss weighted by the microbatch's share of the batch, so the gradients
+summed over microbatches are those of the mean loss over the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from runtime.comm import StageComm
+from runtime.schedule import BACKWARD, FORWARD, STEP, Action
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Saved:
+    """What a forward keeps for its backward."""
+
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TiedGroup:
+    """This stage's copies of one tied parameter, and the group of stages that hold a copy."""
+
+    parameters: tuple[nn.Parameter, ...]
+    ranks: tuple[int, ...]
+    group: Any
+
+
+def microbatch_sizes(batch: int, n_microbatches: int) -> list[int]:
+    """The sizes ``torch.tensor_split`` gives a batch of ``batch`` cut into ``n_microbatches``."""
+    return [len(part) for part in torch.arange(batch).tensor_split(n_microbatches)]
+
+
+def split_microbatches(
+    tensors: Mapping[str, torch.Tensor], batch_dims: Mapping[str, int | None], n_microbatches: int
+) -> list[dict[str, torch.Tensor]]:
+    """Cut each tensor along its batch dimension; one without a batch dimension goes to all."""
+    parts = [{} for _ in range(n_microbatches)]
+    for name, tensor in tensors.items():
+        dim = batch_dims[name]
+        pieces = (
+            [tensor] * n_microbatches
+            if dim is None
+            else tensor.tensor_split(n_microbatches, dim=dim)
+        )
+        for part, piece in zip(parts, pieces):
+            part[name] = piece
+    return parts
+
+
+def tied_groups(pipeline: Mapping[str, Any], rank: int, stage: nn.Module) -> list[TiedGroup]:
+    """One process group per tied parameter held by several stages, made in the same order on
+    every rank (``new_group`` is collective); only the groups holding this rank are returned."""
+    named = dict(stage.named_parameters(remove_duplicate=False))
+    groups = []
+    for members in pipeline.get("tied_parameters", []):
+        ranks = tuple(sorted({member_stage for member_stage, _ in members}))
+        if len(ranks) < 2:
+            continue
+        group = dist.new_group(ranks=list(ranks))
+        if rank not in ranks:
+            continue
+        unique = {id(named[key]): named[key] for s, key in members if s == rank}
+        groups.append(TiedGroup(tuple(unique.values()), ranks, group))
+    return groups
+
+
+def synchronize_tied(groups: Sequence[TiedGroup]) -> None:
+    """Give every copy of a tied parameter the value of the lowest stage holding it."""
+    with torch.no_grad():
+        for tied in groups:
+            first = tied.parameters[0]
+            dist.broadcast(first.data, src=tied.ranks[0], group=tied.group)
+            for other in tied.parameters[1:]:
+                other.data.copy_(first.data)
+
+
+def reduce_tied_gradients(groups: Sequence[TiedGroup]) -> None:
+    """Sum the gradients of a tied parameter over its copies, as the original model does."""
+    for tied in groups:
+        local = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tied.parameters]
+        total = torch.stack(local).sum(0) if len(local) > 1 else local[0].clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=tied.group)
+        for parameter in tied.parameters:
+            parameter.grad = total.clone() if len(tied.parameters) > 1 else total
+
+
+class Executor:
+    """Runs a stage's actions for one batch, exchanging values and gradients through ``comm``."""
+
+    def __init__(
+        self,
+        pipeline: Mapping[str, Any],
+        rank: int,
+        stage: nn.Module,
+        comm: StageComm,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        groups: Sequence[TiedGroup],
+    ) -> None:
+        self.rank = rank
+        self.spec = pipeline["stages"][rank]
+        self.is_last = rank == len(pipeline["stages"]) - 1
+        self.stage = stage
+        self.comm = comm
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.groups = groups
+        self._saved: dict[int, _Saved] = {}
+
+    def run(
+        self,
+        actions: Sequence[Action],
+        batch: int,
+        n_microbatches: int,
+        inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
+        labels: Sequence[torch.Tensor] | None = None,
+    ) -> float | None:
+        """Run ``actions`` for a batch of ``batch`` samples; return its loss on the last stage.
+
+        ``inputs`` (rank 0) holds the model inputs per microbatch, ``labels`` (last rank) the
+        labels per microbatch.
+        """
+        sizes = microbatch_sizes(batch, n_microbatches)
+        losses: list[float] = []
+        for action in actions:
+            i = action.microbatch
+            if action.kind == FORWARD:
+                self._forward(i, sizes[i], inputs[i] if inputs is not None else {})
+            elif action.kind == BACKWARD:
+                label = labels[i] if labels is not None else None
+                losses.append(self._backward(i, sizes[i] / batch, label))
+            elif action.kind == STEP:
+                self._step()
+        self.comm.wait_sends()
+        return sum(losses) if self.is_last else None
+
+    def _forward(self, i: int, size: int, model_inputs: Mapping[str, torch.Tensor]) -> None:
+        received = self.comm.receive_values(size)
+        for name, value in received.items():
+            if self.comm.specs[name]["requires_grad"] and value.is_floating_point():
+                value.requires_grad_(True)
+        available = {**model_inputs, **received}
+        args = [available[name] for name in self.spec["inputs"]]
+        outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
+        self._saved[i] = _Saved(received, outputs)
+        self.comm.send_values({**model_inputs, **outputs})
+
+    def _backward(self, i: int, weight: float, label: torch.Tensor | None) -> float:
+        saved = self._saved.pop(i)
+        loss_value = 0.0
+        if self.is_last:
+            output = saved.outputs[self.spec["outputs"][0]]
+            loss = self.loss_fn(output, label)
+            loss_value = loss.item() * weight
+            (loss * weight).backward()
+        else:
+            grads = self.comm.receive_gradients(saved.outputs)
+            pairs = [
+                (saved.outputs[n], g) for n, g in grads.items() if saved.outputs[n].requires_grad
+            ]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        self.comm.send_gradients(saved.inputs)
+        return loss_value
+
+    def _step(self) -> None:
+        reduce_tied_gradients(self.groups)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,74 @@
+"""Stage loading: import a generated file and build this rank's stage on its device.
+
+The generated file is all the runtime needs: its ``PIPELINE`` says how stages are wired and its
+``build_stage`` builds one stage, optionally with the original model's weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+
+class RuntimeConfigError(ValueError):
+    """A user error in how the runtime was started: bad path, flag or world size."""
+
+
+def load_generated(path: str | Path) -> ModuleType:
+    """Import a generated pipeline file by path, checking it has what the runtime needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise RuntimeConfigError(f"no generated model file at {str(path)!r}")
+    spec = importlib.util.spec_from_file_location(f"autopipe_generated_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeConfigError(f"{str(path)!r} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("PIPELINE", "build_stage", "merge_state_dicts"):
+        if not hasattr(module, name):
+            raise RuntimeConfigError(
+                f"{str(path)!r} has no {name}: pass a file written by autopipe.partition"
+            )
+    return module
+
+
+def check_world_size(n_stages: int, world_size: int) -> None:
+    """One process runs one stage, so the world size must equal the number of stages."""
+    if world_size != n_stages:
+        raise RuntimeConfigError(
+            f"the model has {n_stages} stages but the world size is {world_size}: "
+            f"start {n_stages} processes (torchrun --nproc_per_node {n_stages})"
+        )
+
+
+def local_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for GPUs, gloo for the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def build_local_stage(
+    generated: ModuleType,
+    rank: int,
+    device: torch.device,
+    state_dict: dict[str, torch.Tensor] | None,
+) -> nn.Module:
+    """Build stage ``rank`` (with the original model's ``state_dict`` when given) on ``device``."""
+    try:
+        stage = generated.build_stage(rank, state_dict)
+    except KeyError as error:
+        raise RuntimeConfigError(
+            f"the checkpoint does not fit the model: {error.args[0]}"
+        ) from None
+    return stage.to(device).train()
