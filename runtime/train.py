@@ -297,5 +297,8 @@ def run(config: TrainConfig) -> None:
     dist.init_process_group(backend=backend_for(device), timeout=INIT_TIMEOUT)
     try:
         train(config, generated)
+        # Every rank waits until all transfers have landed before tearing the group down;
+        # gloo aborts a process whose peer closes a connection with data still in flight.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
