@@ -50,7 +50,11 @@ class WideBasicBlock(nn.Module):
     input, as in the reference implementation."""
 
     def __init__(
-        self, in_planes: int, planes: int, stride: int = 1, drop_rate: float = 0.0,
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        drop_rate: float = 0.0,
         norm: str = "batch",
     ) -> None:
         super().__init__()
@@ -84,7 +88,11 @@ class WideResNet(nn.Module):
     pooling and a linear classifier."""
 
     def __init__(
-        self, depth: int, widen_factor: int, num_classes: int, drop_rate: float = 0.0,
+        self,
+        depth: int,
+        widen_factor: int,
+        num_classes: int,
+        drop_rate: float = 0.0,
         norm: str = "batch",
     ) -> None:
         super().__init__()
@@ -110,11 +118,18 @@ class WideResNet(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def _make_layer(self, in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(*(
-            WideBasicBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1,
-                           self.drop_rate, self.norm)
-            for i in range(blocks)
-        ))
+        return nn.Sequential(
+            *(
+                WideBasicBlock(
+                    in_planes if i == 0 else planes,
+                    planes,
+                    stride if i == 0 else 1,
+                    self.drop_rate,
+                    self.norm,
+                )
+                for i in range(blocks)
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
@@ -202,7 +217,24 @@ class ResNet(nn.Module):
 # VGG with batch normalisation (Simonyan & Zisserman, 2015).
 
 VGG16_CFG: tuple[Union[int, str], ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
 )
 
 
@@ -212,8 +244,12 @@ class VGG(nn.Module):
     with dropout."""
 
     def __init__(
-        self, cfg: Sequence[Union[int, str]], num_classes: int = 1000, hidden_dim: int = 4096,
-        pool_size: int = 7, dropout: float = 0.5,
+        self,
+        cfg: Sequence[Union[int, str]],
+        num_classes: int = 1000,
+        hidden_dim: int = 4096,
+        pool_size: int = 7,
+        dropout: float = 0.5,
     ) -> None:
         super().__init__()
         self.cfg = tuple(cfg)
@@ -227,8 +263,11 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, stride=2))
             else:
-                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.BatchNorm2d(v),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, v, 3, padding=1),
+                    nn.BatchNorm2d(v),
+                    nn.ReLU(inplace=True),
+                ]
                 channels = v
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(pool_size)
@@ -268,7 +307,7 @@ class SelfAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.in_proj = nn.Linear(embed_dim, 3 * embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
@@ -291,7 +330,11 @@ class EncoderBlock(nn.Module):
     """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(
-        self, num_heads: int, hidden_dim: int, mlp_dim: int, dropout: float = 0.0,
+        self,
+        num_heads: int,
+        hidden_dim: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
         attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -323,8 +366,14 @@ class Encoder(nn.Module):
     """Adds the learned position embedding, then runs the blocks and a final LayerNorm."""
 
     def __init__(
-        self, seq_length: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int,
-        dropout: float = 0.0, attention_dropout: float = 0.0,
+        self,
+        seq_length: int,
+        num_layers: int,
+        num_heads: int,
+        hidden_dim: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.seq_length = seq_length
@@ -332,10 +381,12 @@ class Encoder(nn.Module):
         self.pos_embedding = nn.Parameter(torch.empty(1, seq_length, hidden_dim))
         nn.init.normal_(self.pos_embedding, std=0.02)
         self.dropout = nn.Dropout(dropout)
-        self.layers = nn.Sequential(*(
-            EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout, attention_dropout)
-            for _ in range(num_layers)
-        ))
+        self.layers = nn.Sequential(
+            *(
+                EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout, attention_dropout)
+                for _ in range(num_layers)
+            )
+        )
         self.ln = nn.LayerNorm(hidden_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -348,8 +399,15 @@ class VisionTransformer(nn.Module):
     prepended, the encoder, and a linear head on the class token."""
 
     def __init__(
-        self, image_size: int, patch_size: int, num_layers: int, num_heads: int,
-        hidden_dim: int, mlp_dim: int, dropout: float = 0.0, attention_dropout: float = 0.0,
+        self,
+        image_size: int,
+        patch_size: int,
+        num_layers: int,
+        num_heads: int,
+        hidden_dim: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
         num_classes: int = 1000,
     ) -> None:
         super().__init__()
@@ -367,8 +425,9 @@ class VisionTransformer(nn.Module):
         self.conv_proj = nn.Conv2d(3, hidden_dim, patch_size, stride=patch_size)
         self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
         seq_length = (image_size // patch_size) ** 2 + 1
-        self.encoder = Encoder(seq_length, num_layers, num_heads, hidden_dim, mlp_dim,
-                               dropout, attention_dropout)
+        self.encoder = Encoder(
+            seq_length, num_layers, num_heads, hidden_dim, mlp_dim, dropout, attention_dropout
+        )
         self.heads = nn.Sequential()
         self.heads.add_module("head", nn.Linear(hidden_dim, num_classes))
         fan_in = 3 * patch_size * patch_size
@@ -393,36 +452,51 @@ def _spec(
 
 
 MODELS: dict[str, ModelSpec] = {
-    "wrn_16x4_c10": _spec(
-        partial(WideResNet, 16, 4, 10), 32, 2_748_890, "WRN-16-4, CIFAR-10"),
-    "wrn_16x4_c100": _spec(
-        partial(WideResNet, 16, 4, 100), 32, None, "WRN-16-4, CIFAR-100"),
-    "wrn_28x10_c10": _spec(
-        partial(WideResNet, 28, 10, 10), 32, 36_479_194, "WRN-28-10, CIFAR-10"),
+    "wrn_16x4_c10": _spec(partial(WideResNet, 16, 4, 10), 32, 2_748_890, "WRN-16-4, CIFAR-10"),
+    "wrn_16x4_c100": _spec(partial(WideResNet, 16, 4, 100), 32, None, "WRN-16-4, CIFAR-100"),
+    "wrn_28x10_c10": _spec(partial(WideResNet, 28, 10, 10), 32, 36_479_194, "WRN-28-10, CIFAR-10"),
     "wrn_28x10_c100": _spec(
-        partial(WideResNet, 28, 10, 100), 32, 36_536_884, "WRN-28-10, CIFAR-100"),
+        partial(WideResNet, 28, 10, 100), 32, 36_536_884, "WRN-28-10, CIFAR-100"
+    ),
     "wrn_28x10_c100_dr03": _spec(
-        partial(WideResNet, 28, 10, 100, drop_rate=0.3), 32, 36_536_884,
-        "WRN-28-10, CIFAR-100, dropout 0.3 between the convolutions of each block"),
+        partial(WideResNet, 28, 10, 100, drop_rate=0.3),
+        32,
+        36_536_884,
+        "WRN-28-10, CIFAR-100, dropout 0.3 between the convolutions of each block",
+    ),
     "wrn_28x10_c100_dr03_gn": _spec(
-        partial(WideResNet, 28, 10, 100, drop_rate=0.3, norm="group"), 32, 36_536_884,
-        "WRN-28-10, CIFAR-100, dropout 0.3, GroupNorm (gcd(32, C) groups) for BatchNorm"),
-    "resnet50": _spec(
-        partial(ResNet, (3, 4, 6, 3)), 224, 25_557_032, "ResNet-50 v1.5, ImageNet"),
+        partial(WideResNet, 28, 10, 100, drop_rate=0.3, norm="group"),
+        32,
+        36_536_884,
+        "WRN-28-10, CIFAR-100, dropout 0.3, GroupNorm (gcd(32, C) groups) for BatchNorm",
+    ),
+    "resnet50": _spec(partial(ResNet, (3, 4, 6, 3)), 224, 25_557_032, "ResNet-50 v1.5, ImageNet"),
     "resnet101": _spec(
-        partial(ResNet, (3, 4, 23, 3)), 224, 44_549_160, "ResNet-101 v1.5, ImageNet"),
-    "vgg16_bn": _spec(
-        partial(VGG, VGG16_CFG), 224, 138_365_992, "VGG-16 with BatchNorm, ImageNet"),
+        partial(ResNet, (3, 4, 23, 3)), 224, 44_549_160, "ResNet-101 v1.5, ImageNet"
+    ),
+    "vgg16_bn": _spec(partial(VGG, VGG16_CFG), 224, 138_365_992, "VGG-16 with BatchNorm, ImageNet"),
     "vit_b_16": _spec(
-        partial(VisionTransformer, 224, 16, 12, 12, 768, 3072), 224, 86_567_656,
-        "ViT-B/16, ImageNet, 224 crop"),
+        partial(VisionTransformer, 224, 16, 12, 12, 768, 3072),
+        224,
+        86_567_656,
+        "ViT-B/16, ImageNet, 224 crop",
+    ),
     "resnet_tiny": _spec(
-        partial(ResNet, (1, 1, 1, 1), num_classes=10, width=8), 32, None,
-        "bottleneck ResNet, one block per stage, base width 8"),
+        partial(ResNet, (1, 1, 1, 1), num_classes=10, width=8),
+        32,
+        None,
+        "bottleneck ResNet, one block per stage, base width 8",
+    ),
     "vgg_tiny": _spec(
         partial(VGG, (8, "M", 16, "M", 32, "M"), num_classes=10, hidden_dim=64, pool_size=2),
-        32, None, "VGG-style, three conv-BN-ReLU stages, 64-wide classifier"),
+        32,
+        None,
+        "VGG-style, three conv-BN-ReLU stages, 64-wide classifier",
+    ),
     "vit_tiny": _spec(
-        partial(VisionTransformer, 32, 8, 2, 4, 64, 128, num_classes=10), 32, None,
-        "ViT, patch 8, hidden 64, MLP 128, 2 layers, 4 heads"),
+        partial(VisionTransformer, 32, 8, 2, 4, 64, 128, num_classes=10),
+        32,
+        None,
+        "ViT, patch 8, hidden 64, MLP 128, 2 layers, 4 heads",
+    ),
 }

@@ -30,8 +30,19 @@ METHODS: dict[str, Method] = {
     "pipedream": partition_pipedream,
 }
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "DeviceGroup", "InvalidPartition", "Level", "Partition", "PartitionOptions", "Plan",
-           "expand", "partition", "validate"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "DeviceGroup",
+    "InvalidPartition",
+    "Level",
+    "Partition",
+    "PartitionOptions",
+    "Plan",
+    "expand",
+    "partition",
+    "validate",
+]
 
 
 @dataclass
@@ -105,8 +116,12 @@ def validate(graph: nx.DiGraph, assignment: dict[str, int], n_stages: int) -> No
         raise InvalidPartition(f"{len(missing)} nodes have no stage, e.g. {missing[0]}")
     bad = [n for n, s in assignment.items() if not 0 <= s < n_stages]
     if bad:
-        raise InvalidPartition(f"node {bad[0]} is given stage {assignment[bad[0]]}, outside 0..{n_stages - 1}")
-    used = {s for n, s in assignment.items() if graph.nodes[n]["op"] not in ("placeholder", "get_attr")}
+        raise InvalidPartition(
+            f"node {bad[0]} is given stage {assignment[bad[0]]}, outside 0..{n_stages - 1}"
+        )
+    used = {
+        s for n, s in assignment.items() if graph.nodes[n]["op"] not in ("placeholder", "get_attr")
+    }
     empty = sorted(set(range(n_stages)) - used)
     if empty:
         raise InvalidPartition(f"stage {empty[0]} has no operations")

@@ -115,10 +115,18 @@ class _Order:
             made[r // stride].extend(self.made[r])
             uses[r // stride].extend(self.uses[r])
         return _Order(
-            nodes=[self.nodes[r] for r in starts], node_ms=np.add.reduceat(self.node_ms, starts, axis=1),
-            compute=self.compute[:, pick], fastest=self.fastest[pick], params=self.params[pick],
-            state=self.state[pick], acts=self.acts[pick], last_use=[r // stride for r in self.last_use],
-            sent_bytes=self.sent_bytes, in_bytes=self.in_bytes, made=made, uses=uses,
+            nodes=[self.nodes[r] for r in starts],
+            node_ms=np.add.reduceat(self.node_ms, starts, axis=1),
+            compute=self.compute[:, pick],
+            fastest=self.fastest[pick],
+            params=self.params[pick],
+            state=self.state[pick],
+            acts=self.acts[pick],
+            last_use=[r // stride for r in self.last_use],
+            sent_bytes=self.sent_bytes,
+            in_bytes=self.in_bytes,
+            made=made,
+            uses=uses,
         )
 
 
@@ -170,7 +178,9 @@ class _Problem:
     equal to devices left without. The terminal state is (0, 0).
     """
 
-    def __init__(self, order: _Order, machine: _Machine, options: PartitionOptions, objective: str) -> None:
+    def __init__(
+        self, order: _Order, machine: _Machine, options: PartitionOptions, objective: str
+    ) -> None:
         self.order, self.machine, self.options, self.objective = order, machine, options, objective
         self.memory_counts = objective == "memory" or options.cost.memory_limit is not None
         replication, p = options.replication, machine.size
@@ -190,7 +200,9 @@ class _Problem:
     def _memory_lower(self) -> np.ndarray:
         """Prefix sums of a per-node memory that no stage's memory is below the sum of: its
         state, parameter and activation bytes at the smallest factors stage_memory gives them."""
-        factors = np.min([self.memory(q).factors[:3] for q in range(1, self.machine.size + 1)], axis=0)
+        factors = np.min(
+            [self.memory(q).factors[:3] for q in range(1, self.machine.size + 1)], axis=0
+        )
         parts = (self.order.state, self.order.params, self.order.acts)
         return sum(f * part.astype(float) for f, part in zip(factors, parts))
 
@@ -243,7 +255,10 @@ class _Problem:
         for m in sorted({move.replicas for moves in self.moves for move in moves}):
             width = n - starts
             for lower, divides, most in self.caps(bound):
-                ends = np.searchsorted(lower, lower[:n] + (m if divides else 1) * most, side="right") - 1
+                ends = (
+                    np.searchsorted(lower, lower[:n] + (m if divides else 1) * most, side="right")
+                    - 1
+                )
                 width = np.minimum(width, ends - starts)
             widths[m] = width.tolist()
         return widths
@@ -264,7 +279,9 @@ class _Problem:
                 low, high = p - devices, n - devices
             for lower, _, most in self.caps(bound):
                 low = max(low, int(np.searchsorted(lower, lower[n] - devices * most, side="left")))
-                high = min(high, int(np.searchsorted(lower, (p - devices) * most, side="right")) - 1)
+                high = min(
+                    high, int(np.searchsorted(lower, (p - devices) * most, side="right")) - 1
+                )
             bands.append((low, high))
         return bands
 
@@ -283,8 +300,16 @@ class _MemoryModel:
     def __init__(self, model: CostModel, following: int) -> None:
         self.model, self.following = model, max(following, 1)
         self.base = stage_memory(0, 0, 0, 0, 0, self.following, model)
-        self.factors = [(stage_memory(*(self._PROBE if k == a else 0 for k in range(4)), 0, self.following, model)
-                         - self.base) / self._PROBE for a in range(4)]
+        self.factors = [
+            (
+                stage_memory(
+                    *(self._PROBE if k == a else 0 for k in range(4)), 0, self.following, model
+                )
+                - self.base
+            )
+            / self._PROBE
+            for a in range(4)
+        ]
 
     def estimate(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         """Approximate bytes of stages with the given (state, params, activations, inputs)."""
@@ -319,7 +344,9 @@ def _node_ms(coarse: nx.DiGraph, node: int, group: DeviceGroup | None) -> float:
     total = 0.0
     for member in data.get("members", ()):
         if member not in group.compute_ms:
-            raise UserError(f"the profile of {group.device_type} on {group.server} has no time for node {member}")
+            raise UserError(
+                f"the profile of {group.device_type} on {group.server} has no time for node {member}"
+            )
         total += group.compute_ms[member]
     return total
 
@@ -327,14 +354,18 @@ def _node_ms(coarse: nx.DiGraph, node: int, group: DeviceGroup | None) -> float:
 def _prefix(values: np.ndarray) -> np.ndarray:
     """Prefix sums along the last axis, with a leading zero."""
     shape = values.shape[:-1] + (1,)
-    return np.concatenate([np.zeros(shape, dtype=values.dtype), np.cumsum(values, axis=-1)], axis=-1)
+    return np.concatenate(
+        [np.zeros(shape, dtype=values.dtype), np.cumsum(values, axis=-1)], axis=-1
+    )
 
 
 def _flatten(coarse: nx.DiGraph, groups: Sequence[DeviceGroup | None]) -> _Order:
     """The contracted graph as an ``_Order`` for the given device types."""
     nodes = sorted(coarse.nodes, key=lambda n: coarse.nodes[n]["rank"])
     rank_of = {node: r for r, node in enumerate(nodes)}
-    node_ms = np.array([[_node_ms(coarse, node, group) for node in nodes] for group in groups], dtype=float)
+    node_ms = np.array(
+        [[_node_ms(coarse, node, group) for node in nodes] for group in groups], dtype=float
+    )
     node_ms = node_ms.reshape(len(groups), len(nodes))
     if (node_ms < 0).any():
         raise UserError("node times must not be negative")
@@ -358,27 +389,44 @@ def _flatten(coarse: nx.DiGraph, groups: Sequence[DeviceGroup | None]) -> _Order
         sent_bytes.append(int(nbytes) * (2 if grad else 1))
         in_bytes.append(int(nbytes))
     return _Order(
-        nodes=nodes, node_ms=node_ms, compute=_prefix(node_ms), fastest=_prefix(node_ms.min(axis=0)),
-        params=column("param_bytes"), state=column("state_bytes"), acts=column("activation_bytes"),
-        last_use=last_use, sent_bytes=sent_bytes, in_bytes=in_bytes, made=made, uses=uses,
+        nodes=nodes,
+        node_ms=node_ms,
+        compute=_prefix(node_ms),
+        fastest=_prefix(node_ms.min(axis=0)),
+        params=column("param_bytes"),
+        state=column("state_bytes"),
+        acts=column("activation_bytes"),
+        last_use=last_use,
+        sent_bytes=sent_bytes,
+        in_bytes=in_bytes,
+        made=made,
+        uses=uses,
     )
 
 
 def _machine(n_stages: int, options: PartitionOptions) -> tuple[_Machine, list[DeviceGroup | None]]:
     """The devices in order, their compute types, and the link bandwidth after each."""
     groups: list[DeviceGroup | None] = list(options.devices) or [None]
-    types = tuple(k for k, g in enumerate(options.devices) for _ in range(g.count)) or (0,) * n_stages
+    types = (
+        tuple(k for k, g in enumerate(options.devices) for _ in range(g.count)) or (0,) * n_stages
+    )
     if len(types) != n_stages:
-        raise UserError(f"the server file lists {len(types)} devices but {n_stages} were asked for: "
-                        f"set -p to {len(types)}")
+        raise UserError(
+            f"the server file lists {len(types)} devices but {n_stages} were asked for: "
+            f"set -p to {len(types)}"
+        )
     links = [options.cost.bandwidth] * (n_stages - 1)
     if options.levels:
         sizes = np.cumprod([1] + [level.count for level in options.levels])
         if sizes[-1] != n_stages:
             counts = " x ".join(str(level.count) for level in options.levels)
-            raise UserError(f"the machine has {counts} = {sizes[-1]} devices but {n_stages} stages were asked for")
+            raise UserError(
+                f"the machine has {counts} = {sizes[-1]} devices but {n_stages} stages were asked for"
+            )
         for k in range(n_stages - 1):
-            crossed = max(level for level in range(len(options.levels)) if (k + 1) % sizes[level] == 0)
+            crossed = max(
+                level for level in range(len(options.levels)) if (k + 1) % sizes[level] == 0
+            )
             links[k] = options.levels[crossed].bandwidth
     return _Machine(types, tuple(links), options.cost.bandwidth), groups
 
@@ -449,7 +497,9 @@ class _Rows:
         compute = self.problem.order.compute
         if len(types) == 1:
             return self._cached(("compute", types), lambda: self._sum(compute[types[0]]))
-        return self._cached(("compute", types), lambda: np.max([self.compute((t,)) for t in types], 0))
+        return self._cached(
+            ("compute", types), lambda: np.max([self.compute((t,)) for t in types], 0)
+        )
 
     def sent(self) -> np.ndarray:
         return self._cached("sent", lambda: self.scan.sent(self.i, self.first, self.stop))
@@ -457,22 +507,35 @@ class _Rows:
     def memory_parts(self) -> tuple[np.ndarray, ...]:
         """Per end: (state, params, activation, input) bytes, the arguments of stage_memory."""
         order = self.problem.order
-        return self._cached("parts", lambda: (self._sum(order.state), self._sum(order.params),
-                                              self._sum(order.acts), self.scan.received(self.i, self.first, self.stop)))
+        return self._cached(
+            "parts",
+            lambda: (
+                self._sum(order.state),
+                self._sum(order.params),
+                self._sum(order.acts),
+                self.scan.received(self.i, self.first, self.stop),
+            ),
+        )
 
     def row(self, key: _RowKey) -> np.ndarray:
         """The objective of every end: time (inf over the memory limit), or memory."""
         problem = self.problem
         if problem.objective == "memory":
-            return self._cached(key, lambda: problem.memory(key.following).estimate(self.memory_parts()))
+            return self._cached(
+                key, lambda: problem.memory(key.following).estimate(self.memory_parts())
+            )
         limit = problem.options.cost.memory_limit
         if limit is None:
             return self.time(key)
-        return self._cached(key, lambda: np.where(self.fits(key.following, limit), self.time(key), np.inf))
+        return self._cached(
+            key, lambda: np.where(self.fits(key.following, limit), self.time(key), np.inf)
+        )
 
     def fits(self, following: int, limit: float) -> np.ndarray:
-        return self._cached(("fits", following),
-                            lambda: self.problem.memory(following).fits(self.memory_parts(), limit))
+        return self._cached(
+            ("fits", following),
+            lambda: self.problem.memory(following).fits(self.memory_parts(), limit),
+        )
 
     def time(self, key: _RowKey) -> np.ndarray:
         """Compute on the slowest device type, divided among replicas, plus sends and all-reduce."""
@@ -507,7 +570,9 @@ class _Table:
         states, n = len(problem.states), problem.order.size
         best = np.full((states, n + 1), np.inf)
         best[problem.index[0, 0], n] = 0.0
-        return cls(best, np.zeros((states, n), dtype=np.int64), np.zeros((states, n), dtype=np.int64))
+        return cls(
+            best, np.zeros((states, n), dtype=np.int64), np.zeros((states, n), dtype=np.int64)
+        )
 
 
 _Group = tuple[list[tuple[int, _Move]], int, int]
@@ -533,8 +598,9 @@ def _solve(problem: _Problem, bound: float) -> _Answer | None:
     return _Answer(value, _walk(problem, root, table))
 
 
-def _groups(problem: _Problem, bands: list[tuple[int, int]], widths: dict[int, list[int]], i: int
-            ) -> dict[_RowKey, _Group]:
+def _groups(
+    problem: _Problem, bands: list[tuple[int, int]], widths: dict[int, list[int]], i: int
+) -> dict[_RowKey, _Group]:
     """The moves worth trying from start ``i``, grouped by cost row.
 
     A move is tried from states whose band holds i, at ends within the bound's window whose
@@ -593,14 +659,23 @@ def _walk(problem: _Problem, state: int, table: _Table) -> list[tuple[int, int, 
 # --- evaluating and reporting ---------------------------------------------------------------
 
 
-def _stage_times(coarse: nx.DiGraph, order: _Order, machine: _Machine, stages: list[tuple[int, int, int]],
-                 options: PartitionOptions) -> list[float]:
+def _stage_times(
+    coarse: nx.DiGraph,
+    order: _Order,
+    machine: _Machine,
+    stages: list[tuple[int, int, int]],
+    options: PartitionOptions,
+) -> list[float]:
     """Every stage's time as the program defines it, priced by ``autopipe.cost.stage_costs``.
 
     Sends use the bandwidth of the link after the stage's last device; inf marks a stage over
     the memory limit.
     """
-    stage_of = {order.nodes[r]: s for s, (first, last, _) in enumerate(stages) for r in range(first, last + 1)}
+    stage_of = {
+        order.nodes[r]: s
+        for s, (first, last, _) in enumerate(stages)
+        for r in range(first, last + 1)
+    }
     base = stage_costs(coarse, stage_of, len(stages), options.cost)
     priced: dict[float, list] = {options.cost.bandwidth: base}
     times, device = [], 0
@@ -608,14 +683,17 @@ def _stage_times(coarse: nx.DiGraph, order: _Order, machine: _Machine, stages: l
         key = machine.key(device, m, 0)
         device += m
         if key.send_bandwidth not in priced:
-            priced[key.send_bandwidth] = stage_costs(coarse, stage_of, len(stages),
-                                                     replace(options.cost, bandwidth=key.send_bandwidth))
+            priced[key.send_bandwidth] = stage_costs(
+                coarse, stage_of, len(stages), replace(options.cost, bandwidth=key.send_bandwidth)
+            )
         if options.devices:
             compute = max(float(order.node_ms[t, first : last + 1].sum()) for t in key.types)
         else:
             compute = base[s].compute_ms
         reduce = replace(options.cost, bandwidth=key.reduce_bandwidth) if m > 1 else options.cost
-        time = replicated_ms(compute, priced[key.send_bandwidth][s].comm_ms, base[s].param_bytes, m, reduce)
+        time = replicated_ms(
+            compute, priced[key.send_bandwidth][s].comm_ms, base[s].param_bytes, m, reduce
+        )
         limit = options.cost.memory_limit
         times.append(math.inf if limit is not None and base[s].memory_bytes > limit else time)
     return times
@@ -629,13 +707,19 @@ def stage_times(coarse: nx.DiGraph, plan: Plan, options: PartitionOptions) -> li
         raise ValueError("the plan's stages are not contiguous in the topological order")
     count = ranks[-1] + 1
     replicas = plan.replicas or (1,) * count
-    stages = [(ranks.index(s), len(ranks) - 1 - ranks[::-1].index(s), replicas[s]) for s in range(count)]
+    stages = [
+        (ranks.index(s), len(ranks) - 1 - ranks[::-1].index(s), replicas[s]) for s in range(count)
+    ]
     machine, _ = _machine(sum(replicas), options)
     return _stage_times(coarse, order, machine, stages, options)
 
 
 def _plan(order: _Order, stages: list[tuple[int, int, int]], replication: bool) -> Plan:
-    stage_of = {order.nodes[r]: s for s, (first, last, _) in enumerate(stages) for r in range(first, last + 1)}
+    stage_of = {
+        order.nodes[r]: s
+        for s, (first, last, _) in enumerate(stages)
+        for r in range(first, last + 1)
+    }
     return Plan(stage_of, tuple(m for _, _, m in stages) if replication else None)
 
 
@@ -662,7 +746,9 @@ def _evaluate(problem: _Problem, coarse: nx.DiGraph, stages: list[tuple[int, int
     if problem.objective == "time":
         return max(_stage_times(coarse, order, machine, stages, options))
     stage_of = _plan(order, stages, options.replication).stage_of
-    return max(c.memory_bytes for c in stage_costs(coarse, stage_of, len(stages), options.cost)) + 2.0
+    return (
+        max(c.memory_bytes for c in stage_costs(coarse, stage_of, len(stages), options.cost)) + 2.0
+    )
 
 
 def _guess(problem: _Problem, coarse: nx.DiGraph) -> float:
@@ -676,8 +762,11 @@ def _guess(problem: _Problem, coarse: nx.DiGraph) -> float:
     answer = _search(merged, _trials(merged))
     if answer is None:
         return math.inf
-    return _evaluate(problem, coarse, [(a * stride, min((b + 1) * stride, order.size) - 1, m)
-                                       for a, b, m in answer.stages])
+    return _evaluate(
+        problem,
+        coarse,
+        [(a * stride, min((b + 1) * stride, order.size) - 1, m) for a, b, m in answer.stages],
+    )
 
 
 def _optimum(problem: _Problem, guess: float) -> _Answer | None:
@@ -685,8 +774,9 @@ def _optimum(problem: _Problem, guess: float) -> _Answer | None:
     return _search(problem, [guess, math.inf] if math.isfinite(guess) else _trials(problem))
 
 
-def _least_memory(coarse: nx.DiGraph, order: _Order, machine: _Machine, options: PartitionOptions
-                  ) -> tuple[list[tuple[int, int, int]], int]:
+def _least_memory(
+    coarse: nx.DiGraph, order: _Order, machine: _Machine, options: PartitionOptions
+) -> tuple[list[tuple[int, int, int]], int]:
     """The partition whose largest stage memory is smallest, and that memory in bytes."""
     problem = _Problem(order, machine, options, "memory")
     answer = _optimum(problem, _guess(problem, coarse))
@@ -714,8 +804,10 @@ def _no_fit(problem: _Problem, needed: int) -> UserError:
     p, limit = problem.machine.size, problem.options.cost.memory_limit or 0.0
     split = f"over {p} devices" if problem.options.replication else f"into {p} stages"
     have, need = _gigabytes(limit, needed)
-    return UserError(f"no split {split} fits in {have} GB: the best needs {need} GB per device; "
-                     "raise -p or --memory_limit")
+    return UserError(
+        f"no split {split} fits in {have} GB: the best needs {need} GB per device; "
+        "raise -p or --memory_limit"
+    )
 
 
 def _gigabytes(limit: float, needed: float) -> tuple[str, str]:
@@ -740,8 +832,10 @@ def solve_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
     if order.size == 0:
         raise UserError("the graph has no nodes to partition")
     if not options.replication and order.size < machine.size:
-        raise UserError(f"the model has {order.size} units that can go to different stages; "
-                        f"{machine.size} stages is more than that: lower -p")
+        raise UserError(
+            f"the model has {order.size} units that can go to different stages; "
+            f"{machine.size} stages is more than that: lower -p"
+        )
     problem = _Problem(order, machine, options, "time")
     answer = _optimum(problem, _time_bound(coarse, problem))
     if answer is None:
@@ -787,8 +881,10 @@ def load_server_file(path: str | Path) -> tuple[DeviceGroup, ...]:
                 raise UserError(f"{where}: a GPU line before any server name")
             groups.append(_device_group(server, fields, path.parent, where))
         elif fields:
-            raise UserError(f"{where}: expected a server name or '<gpu_type> <count> <profile>', "
-                            f"got {raw.strip()!r}")
+            raise UserError(
+                f"{where}: expected a server name or '<gpu_type> <count> <profile>', "
+                f"got {raw.strip()!r}"
+            )
     _check_server_done(server, server_line, groups)
     if not groups:
         raise UserError(f"server file {path} lists no GPUs")
@@ -820,11 +916,16 @@ def _read_profile(path: Path, where: str) -> dict[str, float]:
     try:
         data = json.loads(path.read_text())
     except OSError as error:
-        raise UserError(f"{where}: cannot read profile {path}: {error.strerror or error}") from error
+        raise UserError(
+            f"{where}: cannot read profile {path}: {error.strerror or error}"
+        ) from error
     except json.JSONDecodeError as error:
-        raise UserError(f"{where}: profile {path} is not JSON: {error.msg} at line {error.lineno}") from error
+        raise UserError(
+            f"{where}: profile {path} is not JSON: {error.msg} at line {error.lineno}"
+        ) from error
     if not isinstance(data, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-            for v in data.values()):
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in data.values()
+    ):
         raise UserError(f"{where}: profile {path} must map node names to non-negative milliseconds")
     return {str(k): float(v) for k, v in data.items()}
