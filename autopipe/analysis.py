@@ -50,17 +50,16 @@ class Analysis:
 
     def table(self) -> str:
         """The analysis as plain text, for the terminal and the generated file's docstring."""
+        replicated = any(r > 1 for r in self.replicas)
         lines = [
             f"{'stage':>5} {'fwd ms':>9} {'bwd ms':>9} {'params MB':>10} {'in MB':>8} {'out MB':>8} "
-            f"{'comm ms':>8} {'memory GB':>10}"
-            + (f" {'replicas':>8}" if any(r > 1 for r in self.replicas) else "")
+            f"{'comm ms':>8} {'memory GB':>10}" + (f" {'replicas':>8}" if replicated else "")
         ]
         for index, (cost, replicas) in enumerate(zip(self.costs, self.replicas)):
             lines.append(
                 f"{index:>5} {cost.forward_ms:>9.2f} {cost.backward_ms:>9.2f} {cost.param_bytes / _MB:>10.2f} "
                 f"{cost.input_bytes / _MB:>8.2f} {cost.send_bytes / _MB:>8.2f} {cost.comm_ms:>8.2f} "
-                f"{cost.memory_bytes / _GB:>10.3f}"
-                + (f" {replicas:>8}" if any(r > 1 for r in self.replicas) else "")
+                f"{cost.memory_bytes / _GB:>10.3f}" + (f" {replicas:>8}" if replicated else "")
             )
         lines.append(
             f"slowest stage {self.slowest_ms:.2f} ms per batch, lower bound {self.lower_bound_ms:.2f} ms "

@@ -184,6 +184,13 @@ class _Writer:
         self.imports = Imports()
         self.names = {n.name: _variable(n.name) for n in module.graph.nodes}
         self.tree: dict[str, Any] = {}
+        self.namespace: dict[str, Any] = {
+            "torch": torch,
+            "nn": nn,
+            "F": nn.functional,
+            "operator": operator,
+        }
+        self._imported: set[str] = set()
 
     def stage(self, plan: StagePlan, graph: nx.DiGraph, root_name: str) -> dict[str, Any]:
         return {
@@ -196,7 +203,7 @@ class _Writer:
         }
 
     def _doc(self, plan: StagePlan) -> str:
-        scopes = [m for m in plan.modules]
+        scopes = list(plan.modules)
         if not scopes:
             return f"Stage {plan.index} of the pipeline."
         return f"Stage {plan.index}: from {scopes[0]} to {scopes[-1]}."
@@ -240,15 +247,11 @@ class _Writer:
         return f"{holder}.register_buffer({attr!r}, {value}, persistent=False)"
 
     def _namespace(self) -> dict[str, Any]:
-        namespace: dict[str, Any] = {
-            "torch": torch,
-            "nn": nn,
-            "F": nn.functional,
-            "operator": operator,
-        }
-        for line in sorted(self.imports.lines):
-            exec(line, namespace)  # noqa: S102 - import lines written by Imports
-        return namespace
+        """Names that rebuilt layers' source refers to; each import line runs once."""
+        for line in sorted(self.imports.lines - self._imported):
+            exec(line, self.namespace)  # noqa: S102 - import lines written by Imports
+        self._imported |= self.imports.lines
+        return self.namespace
 
     def _line(self, node: fx.Node, graph: nx.DiGraph, root_name: str) -> tuple[str, str]:
         data = graph.nodes[node.name]
@@ -475,23 +478,17 @@ def describe_pipeline(
     held: dict[int, list[list[Any]]] = {}
     for plan in plans:
         keys = {k: t for k, t in _state_keys(plan).items() if k in original}
-        for key, tensor in keys.items():
+        for key in keys:
             held.setdefault(id(original[key]), []).append([plan.index, key])
+        from_data = set(plan.inputs) if plan.index == 0 else set()
         values = {
             name: _value_spec(
                 graph.nodes[name]["value"],
-                (
-                    producers.get(name)
-                    if plan.index > 0 or graph.nodes[name]["op"] != "placeholder"
-                    else None
-                ),
+                None if name in from_data else producers.get(name),
                 consumers.get(name, []),
             )
             for name in dict.fromkeys(plan.inputs + plan.outputs)
         }
-        for name in plan.inputs:
-            if plan.index == 0:
-                values[name]["producer"] = None
         stages.append(
             {
                 "inputs": list(plan.inputs),

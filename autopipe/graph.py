@@ -136,12 +136,8 @@ def _shallow_meta(value: Any) -> Any:
     kept = [
         (
             torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
-            if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
-            else (
-                torch.empty(t.shape, dtype=t.dtype, device="meta")
-                if isinstance(t, torch.Tensor)
-                else t
-            )
+            if isinstance(t, torch.Tensor)
+            else t
         )
         for t in leaves
     ]
@@ -299,11 +295,6 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__qualname__", None) or getattr(
         node.target, "__name__", repr(node.target)
     )
-
-
-def topological_order(graph: nx.DiGraph) -> list[str]:
-    """The nodes in the traced program's own order (a topological order)."""
-    return sorted(graph.nodes, key=lambda n: graph.nodes[n]["order"])
 
 
 def _convex_closure(graph: nx.DiGraph, members: set[str], order: dict[str, int]) -> set[str]:

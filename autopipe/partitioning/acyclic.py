@@ -277,14 +277,17 @@ def stage_times(
 ) -> list[float]:
     """Every stage's ``StageCost.time_ms``: compute plus sending values and their gradients."""
     compute, sends, _ = stage_totals(graph, stages, n_stages)
+    return _times(compute, sends, model)
+
+
+def _times(compute: list[float], sends: list[int], model: CostModel) -> list[float]:
     return [c + model.transfer_ms(s) for c, s in zip(compute, sends)]
 
 
 def objective(graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel) -> Key:
     """Stage times slowest first, then the total bytes sent: smaller is better."""
     compute, sends, _ = stage_totals(graph, stages, n_stages)
-    times = sorted((c + model.transfer_ms(s) for c, s in zip(compute, sends)), reverse=True)
-    return tuple(times), sum(sends)
+    return tuple(sorted(_times(compute, sends, model), reverse=True)), sum(sends)
 
 
 class StageLoads:
