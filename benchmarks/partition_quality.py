@@ -1,6 +1,6 @@
 """Partition quality of every method on every zoo model.
 
-For each model (full size), profile (flops on a device description, or measured on this CPU),
+For each model (full size), profile (flops on a device description, or measured on this machine's CPU or GPU),
 number of stages and method, prints the slowest stage over the lower bound
 max(total / p, costliest node) (1.000 is ideal), the total bytes sent between stages, the
 partitioner's wall time and the node count; then, per profile, how much better `acyclic` and
@@ -8,6 +8,7 @@ partitioner's wall time and the node count; then, per profile, how much better `
 
     python benchmarks/partition_quality.py                       # flops profile, all models
     python benchmarks/partition_quality.py --profile measured --models resnet50 gpt2 -b 4
+    python benchmarks/partition_quality.py --profile measured --device cuda -b 32 -p 4
 """
 
 from __future__ import annotations
@@ -32,13 +33,19 @@ def _family(model: str) -> str:
 
 
 def measure(
-    model: str, mode: str, batch: int, stages: list[int], methods: list[str], bandwidth: float
+    model: str,
+    mode: str,
+    batch: int,
+    stages: list[int],
+    methods: list[str],
+    bandwidth: float,
+    device: str = "cpu",
 ) -> list[dict]:
-    """One row per (p, method) for ``model`` profiled by ``mode``."""
+    """One row per (p, method) for ``model`` profiled by ``mode`` (measured on ``device``)."""
     task = zoo_task(_family(model), model, batch)
     traced = trace(task.model, task.example_inputs)
     graph = build_graph(traced, propagate_values(traced))
-    annotate(graph, profile(traced, graph, mode=mode, progress=False))
+    annotate(graph, profile(traced, graph, mode=mode, device=device, progress=False))
     rows = []
     for p in stages:
         for method in methods:
@@ -72,6 +79,7 @@ def main() -> None:
     parser.add_argument("-p", "--stages", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
     parser.add_argument("--bw", type=float, default=12.0, help="link bandwidth, GB/s (default 12)")
+    parser.add_argument("--device", default="cpu", help="where measured profiles run: cpu or cuda")
     args = parser.parse_args()
     modes = ["flops", "measured"] if args.profile == "both" else [args.profile]
     print(
@@ -81,7 +89,9 @@ def main() -> None:
     rows = []
     for mode in modes:
         for model in args.models:
-            for row in measure(model, mode, args.batch_size, args.stages, args.methods, args.bw):
+            for row in measure(
+                model, mode, args.batch_size, args.stages, args.methods, args.bw, args.device
+            ):
                 rows.append(row)
                 print(
                     f"{row['model']:<24} {row['profile']:<9} {row['p']:>2} {row['method']:<10} "

@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from runtime.stage import RuntimeConfigError
+from runtime.stage import DEVICES, RuntimeConfigError
 from runtime.train import LOSSES, TrainConfig, run
 
 PROG = "runtime"
@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--init_checkpoint", help="the original model's state dict")
     parser.add_argument("--save_checkpoint", help="write the trained weights, original keys")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        help="auto (default: cuda:<local rank> if CUDA is there), cpu, cuda",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds a rank waits for a peer before giving up (default 300)",
+    )
     return parser
 
 

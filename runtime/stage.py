@@ -46,11 +46,26 @@ def check_world_size(n_stages: int, world_size: int) -> None:
         )
 
 
-def local_device() -> torch.device:
-    """``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def local_device(preference: str = "auto") -> torch.device:
+    """This rank's device: ``cuda:<LOCAL_RANK>`` when CUDA is wanted (or, for ``auto``, there),
+    else the CPU. A rank with no GPU of its own is a user error, not a crash in NCCL."""
+    if preference not in DEVICES:
+        raise RuntimeConfigError(f"unknown device {preference!r}; choose from {', '.join(DEVICES)}")
+    wants_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    if not wants_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeConfigError("--device cuda but CUDA is not available here; use --device cpu")
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= visible:
+        raise RuntimeConfigError(
+            f"local rank {local_rank} has no GPU of its own ({visible} visible): start at most "
+            f"{visible} processes per machine, or pass --device cpu"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def backend_for(device: torch.device) -> str:

@@ -42,7 +42,6 @@ from runtime.stage import (
 
 log = logging.getLogger(__name__)
 
-INIT_TIMEOUT = datetime.timedelta(seconds=60)
 TENSORS_PREFIX = "tensors:"
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -68,6 +67,8 @@ class TrainConfig:
     no_dropout: bool = False
     init_checkpoint: str | None = None
     save_checkpoint: str | None = None
+    device: str = "auto"
+    timeout: float = 300.0
 
 
 LOSSES: dict[str, LossFn] = {
@@ -99,6 +100,8 @@ def check_config(config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
         raise RuntimeConfigError(
             f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
         )
+    if config.timeout <= 0:
+        raise RuntimeConfigError(f"--timeout must be positive, got {config.timeout}")
     for flag in ("microbatches", "batch_size", "steps"):
         if getattr(config, flag) < 1:
             raise RuntimeConfigError(f"--{flag} must be at least 1, got {getattr(config, flag)}")
@@ -227,7 +230,7 @@ def prepare(config: TrainConfig) -> ModuleType:
 def _build_executor(config: TrainConfig, generated: ModuleType, rank: int) -> Executor:
     """This rank's stage with its weights, tied copies made equal, optimizer and comm."""
     pipeline = generated.PIPELINE
-    device = local_device()
+    device = local_device(config.device)
     torch.manual_seed(config.seed)
     stage = build_local_stage(generated, rank, device, _load_weights(config))
     if config.no_dropout:
@@ -265,7 +268,7 @@ def train(config: TrainConfig, generated: ModuleType) -> None:
     """Run ``config.steps`` steps of the schedule on this rank; the process group must exist."""
     pipeline = generated.PIPELINE
     rank, n_stages = dist.get_rank(), len(pipeline["stages"])
-    device = local_device()
+    device = local_device(config.device)
     executor = _build_executor(config, generated, rank)
     torch.manual_seed(config.seed + rank)
     actions = SCHEDULES[config.schedule](n_stages, config.microbatches).actions[rank]
@@ -291,10 +294,15 @@ def train(config: TrainConfig, generated: ModuleType) -> None:
 def run(config: TrainConfig) -> None:
     """Check the config, start the process group, train, and always tear the group down."""
     generated = prepare(config)
-    device = local_device()
+    device = local_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend_for(device), timeout=INIT_TIMEOUT)
+    timeout = datetime.timedelta(seconds=config.timeout)
+    dist.init_process_group(
+        backend=backend_for(device),
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         train(config, generated)
         # Every rank waits until all transfers have landed before tearing the group down;

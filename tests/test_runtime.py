@@ -54,7 +54,7 @@ def _torchrun(n_procs: int, *flags: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
         "--nproc_per_node", str(n_procs), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "runtime", *flags,
+        "--master_port", str(_free_port()), "-m", "runtime", "--device", "cpu", *flags,
     ]  # fmt: skip
     return subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
