@@ -105,6 +105,7 @@ def compile(  # noqa: A001 - the public name the API promises
     analysis: bool = True,
     write: bool = True,
     command: str | None = None,
+    source: Mapping[str, str] | None = None,
 ) -> CompileResult:
     """Trace, profile, partition and generate ``model`` as ``n_stages`` pipeline stages.
 
@@ -112,7 +113,9 @@ def compile(  # noqa: A001 - the public name the API promises
     imports it and builds its stages with the model's weights; with ``write=False`` only the
     partition and its analysis are made. ``options`` holds the cost model and method settings,
     ``profiling`` how node costs are obtained. ``command`` is the header line naming what
-    produced the file; by default, this call.
+    produced the file; by default, this call. ``source`` says how to build the original model
+    again (``{"family": ..., "model": ...}`` for the zoo, ``{"task": "FILE.py:NAME"}``), so the
+    runtime can start from its initial weights; it is written into ``PIPELINE["source"]``.
     """
     name = name or type(model).__name__
     options = options or PartitionOptions(seed=seed)
@@ -144,7 +147,12 @@ def compile(  # noqa: A001 - the public name the API promises
         graph,
         planned,
         header,
-        extra={"model": name, "method": method, "batch_size": batch_size},
+        extra={
+            "model": name,
+            "method": method,
+            "batch_size": batch_size,
+            **({"source": dict(source)} if source else {}),
+        },
         original=model,
         analysis=(
             f"{_settings_line(profiling, options, batch_size)}\n{report.table()}"

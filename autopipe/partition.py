@@ -246,6 +246,13 @@ def profile_settings(args: argparse.Namespace) -> ProfileSettings:
     )
 
 
+def task_source(args: argparse.Namespace) -> dict[str, str]:
+    """How the runtime can build the original model again: zoo entry or the user's factory."""
+    if args.family == "custom":
+        return {"task": args.task}
+    return {"family": args.family, "model": args.model}
+
+
 def load_task(args: argparse.Namespace) -> Task:
     if args.family == "custom":
         return custom_task(args.task, seed=args.seed)
@@ -279,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             analysis=not args.no_analysis,
             write=not args.analysis_only,
             command=command,
+            source=task_source(args),
         )
         if result.analysis is not None:
             print(result.analysis.table())

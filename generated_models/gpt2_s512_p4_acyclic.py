@@ -817,6 +817,7 @@ PIPELINE = {
     "model": "gpt2_s512",
     "method": "acyclic",
     "batch_size": 8,
+    "source": {"family": "nlp", "model": "gpt2"},
     "model_inputs": ["input_ids"],
     "model_outputs": ["lm_head"],
     "batch_dim": 0,

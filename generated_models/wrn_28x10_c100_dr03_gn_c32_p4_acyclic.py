@@ -337,6 +337,7 @@ PIPELINE = {
     "model": "wrn_28x10_c100_dr03_gn_c32",
     "method": "acyclic",
     "batch_size": 256,
+    "source": {"family": "vision", "model": "wrn_28x10_c100_dr03_gn"},
     "model_inputs": ["x"],
     "model_outputs": ["fc"],
     "batch_dim": 0,
