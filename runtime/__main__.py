@@ -4,7 +4,9 @@
         --microbatches 8 --batch_size 32 --steps 100 --optimizer adamw --lr 1e-4
 
 ``--config FILE.json`` gives defaults that the flags override. User errors print one line,
-``runtime: error: ...``, and exit with status 2 on every rank.
+``runtime: error: ...``, and exit with status 2 on every rank. A rank that crashes prints its
+traceback and ``runtime: error: rank R failed: ...`` and exits with status 1; torchrun then stops
+the other ranks, and a rank left waiting on a peer gives up after ``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -12,59 +14,69 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
+from runtime.data import FORMS_HELP
+from runtime.schedule import SCHEDULES
+from runtime.cli import OneLineParser, fail
 from runtime.stage import DEVICES, RuntimeConfigError
-from runtime.train import LOSSES, TrainConfig, run
+from runtime.train import DEFAULT_STEPS, LOSSES, LR_SCHEDULES, OPTIMIZERS, TrainConfig, run
 
 PROG = "runtime"
+# what gloo and NCCL say when the process at the other end has gone
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out")
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, like the runtime's own."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        _fail(message)
-
-
-def _fail(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A switch whose absence leaves the config file's value (or the default) in place."""
+    parser.add_argument(name, action="store_true", default=None, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags; every default comes from :class:`TrainConfig` or the JSON config."""
-    parser = _Parser(prog=PROG, description="Train a generated pipeline, one process per stage.")
+    parser = OneLineParser(
+        prog=PROG, description="Train a generated pipeline, one process per stage."
+    )
     parser.add_argument("--config", help="JSON file of defaults; flags override them")
     parser.add_argument("--model", help="generated file, e.g. generated_models/X.py")
-    parser.add_argument("--schedule", choices=["gpipe", "1f1b"])
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES))
     parser.add_argument("--microbatches", type=int)
     parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    parser.add_argument("--steps", type=int, help=f"steps to train (default {DEFAULT_STEPS})")
+    parser.add_argument("--epochs", type=int, help="passes over the data set, instead of --steps")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS))
     parser.add_argument("--lr", type=float)
     parser.add_argument("--momentum", type=float)
     parser.add_argument("--weight_decay", type=float)
+    parser.add_argument(
+        "--lr_schedule", choices=LR_SCHEDULES, help="decay of the learning rate (default constant)"
+    )
+    parser.add_argument("--warmup_steps", type=int, help="linear warm-up steps (default 0)")
     parser.add_argument("--loss", choices=sorted(LOSSES))
     parser.add_argument("--seed", type=int)
-    parser.add_argument(
-        "--data",
-        help="synthetic (default) or tensors:PATH, a torch.save'd "
-        "{'inputs': ..., 'labels': ...} used at every step",
-    )
+    parser.add_argument("--data", help=f"{FORMS_HELP} (default synthetic)")
+    _flag(parser, "--no_shuffle", "read the data set in order, every epoch")
     parser.add_argument("--vocab_size", type=int, help="synthetic token ids are below this")
     parser.add_argument("--num_classes", type=int, help="synthetic class labels are below this")
-    parser.add_argument(
-        "--no_dropout",
-        action="store_true",
-        default=None,
-        help="switch dropout off, for exact comparisons",
-    )
-    parser.add_argument("--init_checkpoint", help="the original model's state dict")
+    _flag(parser, "--no_dropout", "switch dropout off, for exact comparisons")
+    _flag(parser, "--recompute", "keep only stage inputs; run the forward again in backward")
+    parser.add_argument("--init_checkpoint", help="the original model's state dict to start from")
+    _flag(parser, "--random_init", "start from the stages' own initialisation")
     parser.add_argument("--save_checkpoint", help="write the trained weights, original keys")
+    parser.add_argument("--checkpoint_dir", help="save every stage's training state here")
+    parser.add_argument(
+        "--checkpoint_every", type=int, help="steps between checkpoints (default: only at the end)"
+    )
+    _flag(parser, "--resume", "go on from the latest checkpoint in --checkpoint_dir")
+    parser.add_argument("--log_json", help="append one JSON line per step to this file")
+    _flag(parser, "--no_progress", "one line per step instead of a progress bar")
     parser.add_argument(
         "--device",
         choices=DEVICES,
@@ -100,12 +112,45 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def _rank() -> str:
+    return os.environ.get("RANK", "0")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(parse_config(argv))
     except RuntimeConfigError as error:
-        _fail(str(error))
+        fail(PROG, str(error))
+    except Exception as error:  # noqa: BLE001 - any crash: name this rank, then exit non-zero
+        _report_crash(error)
+        sys.exit(1)
+
+
+def _lost_contact(error: Exception) -> bool:
+    """Whether ``error`` says a peer went away or stopped answering, rather than a fault here."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(sign in text for sign in _PEER_GONE)
+
+
+def _report_crash(error: Exception) -> None:
+    """A peer's loss in one line (the rank that failed reports its own error); anything else
+    with its traceback."""
+    if _lost_contact(error):
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(
+            f"{PROG}: error: rank {_rank()} lost contact with the pipeline ({first_line}); "
+            "see the first rank that failed",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    traceback.print_exc()
+    print(
+        f"{PROG}: error: rank {_rank()} failed: {type(error).__name__}: {error}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ summed over microbatches are those of the mean loss over the whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class _Saved:
-    """What a forward keeps for its backward."""
+    """What a forward keeps for its backward: the received values and the outputs, or, when
+    recomputing, the stage's arguments and the random state to run the forward again."""
 
     inputs: dict[str, torch.Tensor]
-    outputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor] | None
+    args: list[torch.Tensor] | None = None
+    rng: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,30 @@ def reduce_tied_gradients(groups: Sequence[TiedGroup]) -> None:
             parameter.grad = total.clone() if len(tied.parameters) > 1 else total
 
 
+def _cuda_devices(tensors: Sequence[torch.Tensor]) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+
+
+def _capture_rng(args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU random state and, when the stage runs on a GPU, that GPU's."""
+    devices = _cuda_devices(args)
+    cuda = torch.cuda.get_rng_state(devices[0]) if devices else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed_rng(
+    rng: tuple[torch.Tensor, torch.Tensor | None], args: Sequence[torch.Tensor]
+) -> Iterator[None]:
+    """Run a block with the random state of an earlier forward, leaving the current one as is."""
+    devices = _cuda_devices(args)
+    with torch.random.fork_rng(devices=devices[:1]):
+        torch.set_rng_state(rng[0])
+        if devices and rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], devices[0])
+        yield
+
+
 class Executor:
     """Runs a stage's actions for one batch, exchanging values and gradients through ``comm``."""
 
@@ -110,8 +138,10 @@ class Executor:
         optimizer: torch.optim.Optimizer,
         loss_fn: LossFn,
         groups: Sequence[TiedGroup],
+        recompute: bool = False,
     ) -> None:
         self.rank = rank
+        self.recompute = recompute
         self.spec = pipeline["stages"][rank]
         self.is_last = rank == len(pipeline["stages"]) - 1
         self.stage = stage
@@ -155,25 +185,47 @@ class Executor:
                 value.requires_grad_(True)
         available = {**model_inputs, **received}
         args = [available[name] for name in self.spec["inputs"]]
-        outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
-        self._saved[i] = _Saved(received, outputs)
+        if self.recompute:
+            rng = _capture_rng(args)
+            with torch.no_grad():
+                outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
+            self._saved[i] = _Saved(received, None, args, rng)
+        else:
+            outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
+            self._saved[i] = _Saved(received, outputs)
         self.comm.send_values({**model_inputs, **outputs})
+
+    @contextlib.contextmanager
+    def _outputs_for_backward(self, saved: _Saved) -> Iterator[dict[str, torch.Tensor]]:
+        """The forward's outputs with their autograd graph, recomputed when they were not kept.
+
+        The recomputation replays the forward's random state, so dropout masks repeat; the
+        buffers it updates are put back once the backward is done (batch norm saves them for
+        its backward), so running statistics are updated only once per microbatch."""
+        if saved.outputs is not None:
+            yield saved.outputs
+            return
+        buffers = [(b, b.detach().clone()) for b in self.stage.buffers()]
+        with _replayed_rng(saved.rng, saved.args), torch.enable_grad():
+            outputs = dict(zip(self.spec["outputs"], self.stage(*saved.args)))
+        yield outputs
+        with torch.no_grad():
+            for buffer, before in buffers:
+                buffer.copy_(before)
 
     def _backward(self, i: int, weight: float, label: torch.Tensor | None) -> float:
         saved = self._saved.pop(i)
         loss_value = 0.0
-        if self.is_last:
-            output = saved.outputs[self.spec["outputs"][0]]
-            loss = self.loss_fn(output, label)
-            loss_value = loss.item() * weight
-            (loss * weight).backward()
-        else:
-            grads = self.comm.receive_gradients(saved.outputs)
-            pairs = [
-                (saved.outputs[n], g) for n, g in grads.items() if saved.outputs[n].requires_grad
-            ]
-            if pairs:
-                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        with self._outputs_for_backward(saved) as outputs:
+            if self.is_last:
+                loss = self.loss_fn(outputs[self.spec["outputs"][0]], label)
+                loss_value = loss.item() * weight
+                (loss * weight).backward()
+            else:
+                grads = self.comm.receive_gradients(outputs)
+                pairs = [(outputs[n], g) for n, g in grads.items() if outputs[n].requires_grad]
+                if pairs:
+                    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         self.comm.send_gradients(saved.inputs)
         return loss_value
 

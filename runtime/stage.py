@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -35,6 +36,31 @@ def load_generated(path: str | Path) -> ModuleType:
                 f"{str(path)!r} has no {name}: pass a file written by autopipe.partition"
             )
     return module
+
+
+def original_state_dict(source: Mapping[str, str], seed: int) -> dict[str, torch.Tensor]:
+    """The original model's initial weights, built again the way the file was made from it (a
+    zoo model, or the user's ``FILE.py:NAME`` factory) after seeding with ``seed``.
+
+    Only this needs autopipe itself, for its model zoo; ``--init_checkpoint`` does not."""
+    try:
+        from autopipe.errors import UserError
+        from autopipe.tasks import custom_task, zoo_task
+    except ImportError:
+        raise RuntimeConfigError(
+            "building the original model needs autopipe installed: "
+            "pass --init_checkpoint PATH or --random_init"
+        ) from None
+    try:
+        if "task" in source:
+            task = custom_task(source["task"], seed=seed)
+        else:
+            task = zoo_task(source["family"], source["model"], 1, seed=seed)
+    except (UserError, KeyError) as error:
+        raise RuntimeConfigError(
+            f"cannot build the original model ({error}): pass --init_checkpoint PATH"
+        ) from None
+    return task.model.state_dict()
 
 
 def check_world_size(n_stages: int, world_size: int) -> None:

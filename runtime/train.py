@@ -1,28 +1,33 @@
-"""The training loop: set up this rank's stage, run K steps of a schedule, save a checkpoint.
+"""The training loop: set up this rank's stage, run the schedule step after step, report, save.
 
-Rank 0 makes or reads the model inputs, the last rank the labels; both draw from the same
-seeded stream, so no rank needs the other's data. Every user error is found before the
+Rank 0 reads the model inputs, the last rank the labels; both draw the same samples from the
+same seeded order, so no rank needs the other's data. Every user error is found before the
 process group starts where possible, so every rank stops with the same message.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.comm import MODEL_INPUT_SOURCE, StageComm, value_specs
+from runtime import checkpoint
+from runtime.comm import MODEL_INPUT_SOURCE, StageComm
+from runtime.data import DataSource, check_data
 from runtime.executor import (
     Executor,
     LossFn,
@@ -38,11 +43,12 @@ from runtime.stage import (
     check_world_size,
     load_generated,
     local_device,
+    original_state_dict,
 )
 
 log = logging.getLogger(__name__)
 
-TENSORS_PREFIX = "tensors:"
+DEFAULT_STEPS = 10
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
@@ -54,19 +60,30 @@ class TrainConfig:
     schedule: str = "1f1b"
     microbatches: int = 4
     batch_size: int = 8
-    steps: int = 10
+    steps: int | None = None
+    epochs: int | None = None
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     loss: str = "cross_entropy"
     seed: int = 0
     data: str = "synthetic"
+    no_shuffle: bool = False
     vocab_size: int | None = None
     num_classes: int | None = None
     no_dropout: bool = False
+    recompute: bool = False
     init_checkpoint: str | None = None
+    random_init: bool = False
     save_checkpoint: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    log_json: str | None = None
+    no_progress: bool = False
     device: str = "auto"
     timeout: float = 300.0
 
@@ -88,100 +105,64 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], TrainConfig], torch.optim.Op
 }
 
 
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """The learning rate of step ``step`` over ``--lr``: a linear warm-up over ``warmup`` steps,
+    then constant, or decaying to zero at ``total`` linearly or along a half cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 def check_config(config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
     """Reject flags that cannot work, before any process group exists."""
-    if config.schedule not in SCHEDULES:
-        raise RuntimeConfigError(
-            f"unknown schedule {config.schedule!r}; choose from {', '.join(SCHEDULES)}"
-        )
-    if config.loss not in LOSSES:
-        raise RuntimeConfigError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
-    if config.optimizer not in OPTIMIZERS:
-        raise RuntimeConfigError(
-            f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
-        )
+    choices = {
+        "schedule": SCHEDULES,
+        "loss": LOSSES,
+        "optimizer": OPTIMIZERS,
+        "lr_schedule": LR_SCHEDULES,
+    }
+    for flag, known in choices.items():
+        if getattr(config, flag) not in known:
+            raise RuntimeConfigError(
+                f"unknown {flag} {getattr(config, flag)!r}; choose from {', '.join(known)}"
+            )
+    for flag in ("microbatches", "batch_size", "steps", "epochs"):
+        value = getattr(config, flag)
+        if value is not None and value < 1:
+            raise RuntimeConfigError(f"--{flag} must be at least 1, got {value}")
+    for flag in ("warmup_steps", "checkpoint_every"):
+        if getattr(config, flag) < 0:
+            raise RuntimeConfigError(f"--{flag} cannot be negative, got {getattr(config, flag)}")
     if config.timeout <= 0:
         raise RuntimeConfigError(f"--timeout must be positive, got {config.timeout}")
-    for flag in ("microbatches", "batch_size", "steps"):
-        if getattr(config, flag) < 1:
-            raise RuntimeConfigError(f"--{flag} must be at least 1, got {getattr(config, flag)}")
-    if config.data == "synthetic" and config.microbatches > config.batch_size:
-        raise RuntimeConfigError(
-            f"--microbatches {config.microbatches} is more than --batch_size {config.batch_size}:"
-            " every microbatch needs a sample"
-        )
-    if config.data != "synthetic" and not config.data.startswith(TENSORS_PREFIX):
-        raise RuntimeConfigError(
-            f"unknown data {config.data!r}; use synthetic or {TENSORS_PREFIX}PATH"
-        )
-    data_file = config.data.removeprefix(TENSORS_PREFIX) if config.data != "synthetic" else None
-    for path in (config.init_checkpoint, data_file):
-        if path is not None and not Path(path).is_file():
-            raise RuntimeConfigError(f"no such file {path!r}")
+    if config.steps is not None and config.epochs is not None:
+        raise RuntimeConfigError("give --steps or --epochs, not both")
+    if config.epochs is not None and config.data == "synthetic":
+        raise RuntimeConfigError("--epochs needs a data set (--data); synthetic data has no epochs")
+    if config.init_checkpoint is not None and not Path(config.init_checkpoint).is_file():
+        raise RuntimeConfigError(f"no such file {config.init_checkpoint!r}")
+    if config.init_checkpoint is not None and config.random_init:
+        raise RuntimeConfigError("give --init_checkpoint or --random_init, not both")
+    if (config.resume or config.checkpoint_every) and not config.checkpoint_dir:
+        raise RuntimeConfigError("--resume and --checkpoint_every need --checkpoint_dir")
     if len(pipeline["model_outputs"]) < 1:
         raise RuntimeConfigError("the model has no outputs to compute a loss from")
+    check_data(config, pipeline)
 
 
-class DataSource:
-    """Model inputs (rank 0) and labels (last rank) for each step, synthetic or from a file."""
-
-    def __init__(self, config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
-        self.config = config
-        self.specs = value_specs(pipeline)
-        self.names = list(pipeline["model_inputs"])
-        self.output = self.specs[pipeline["model_outputs"][0]]
-        self._file: dict[str, Any] | None = None
-
-    def _saved(self) -> dict[str, Any]:
-        if self._file is None:
-            path = self.config.data.removeprefix(TENSORS_PREFIX)
-            self._file = torch.load(path, map_location="cpu")
-        return self._file
-
-    def _generator(self, step: int, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + 2 * step + stream)
-
-    def _shape(self, spec: Mapping[str, Any], drop_last: bool = False) -> list[int]:
-        shape = list(spec["shape"])
-        if spec.get("batch_dim") is not None:
-            shape[spec["batch_dim"]] = self.config.batch_size
-        return shape[:-1] if drop_last else shape
-
-    def inputs(self, step: int) -> dict[str, torch.Tensor]:
-        """The model inputs of step ``step``, by name."""
-        if self.config.data != "synthetic":
-            saved = self._saved()["inputs"]
-            if isinstance(saved, Mapping):
-                return {name: saved[name] for name in self.names}
-            return dict(zip(self.names, saved))
-        generator = self._generator(step, 0)
-        made = {}
-        for name in self.names:
-            spec = self.specs[name]
-            dtype = getattr(torch, spec["dtype"])
-            shape = self._shape(spec)
-            if dtype.is_floating_point:
-                made[name] = torch.randn(shape, generator=generator, dtype=dtype)
-            else:
-                high = self.config.vocab_size or self.output["shape"][-1]
-                made[name] = torch.randint(0, high, shape, generator=generator, dtype=dtype)
-        return made
-
-    def labels(self, step: int) -> torch.Tensor:
-        """The labels of step ``step``: class ids for cross entropy, targets for MSE."""
-        if self.config.data != "synthetic":
-            return self._saved()["labels"]
-        generator = self._generator(step, 1)
-        if self.config.loss == "mse":
-            return torch.randn(self._shape(self.output), generator=generator)
-        high = self.config.num_classes or self.output["shape"][-1]
-        return torch.randint(0, high, self._shape(self.output, drop_last=True), generator=generator)
-
-    def batch_size(self, inputs: Mapping[str, torch.Tensor]) -> int:
-        """The batch size of a step's inputs, read along the first input's batch dimension."""
-        name = self.names[0]
-        dim = self.specs[name].get("batch_dim")
-        return self.config.batch_size if dim is None else inputs[name].shape[dim]
+def total_steps(config: TrainConfig, data: DataSource) -> int:
+    """Steps of the whole run: ``--steps``, or ``--epochs`` over the data set."""
+    if config.epochs is None or data.steps_per_epoch is None:
+        return config.steps or DEFAULT_STEPS
+    return config.epochs * data.steps_per_epoch
 
 
 def _broadcast_batch_size(batch: int, device: torch.device) -> int:
@@ -191,10 +172,22 @@ def _broadcast_batch_size(batch: int, device: torch.device) -> int:
     return int(size.item())
 
 
-def _load_weights(config: TrainConfig) -> dict[str, torch.Tensor] | None:
-    if config.init_checkpoint is None:
+def initial_weights(config: TrainConfig, pipeline: Mapping[str, Any]) -> dict | None:
+    """The original model's weights to start from: ``--init_checkpoint``, else the original
+    model built again from its source with ``--seed``; None (each stage's own initialisation)
+    with ``--random_init`` or when the file does not say how to build the original."""
+    if config.init_checkpoint is not None:
+        return torch.load(config.init_checkpoint, map_location="cpu")
+    if config.random_init:
         return None
-    return torch.load(config.init_checkpoint, map_location="cpu")
+    source = pipeline.get("source")
+    if source is None:
+        log.warning(
+            "the generated file does not say how to build the original model: starting from "
+            "the stages' own initialisation (pass --init_checkpoint for the original's weights)"
+        )
+        return None
+    return original_state_dict(source, config.seed)
 
 
 def _save_checkpoint(generated: ModuleType, stage: nn.Module, rank: int, path: str) -> None:
@@ -227,19 +220,23 @@ def prepare(config: TrainConfig) -> ModuleType:
     return generated
 
 
-def _build_executor(config: TrainConfig, generated: ModuleType, rank: int) -> Executor:
+def _build_executor(
+    config: TrainConfig, generated: ModuleType, rank: int, device: torch.device
+) -> Executor:
     """This rank's stage with its weights, tied copies made equal, optimizer and comm."""
     pipeline = generated.PIPELINE
-    device = local_device(config.device)
+    weights = initial_weights(config, pipeline)
     torch.manual_seed(config.seed)
-    stage = build_local_stage(generated, rank, device, _load_weights(config))
+    stage = build_local_stage(generated, rank, device, weights)
     if config.no_dropout:
         _switch_off_dropout(stage)
     groups = tied_groups(pipeline, rank, stage)
     synchronize_tied(groups)
     optimizer = OPTIMIZERS[config.optimizer](list(stage.parameters()), config)
     comm = StageComm(pipeline, rank, device)
-    return Executor(pipeline, rank, stage, comm, optimizer, LOSSES[config.loss], groups)
+    return Executor(
+        pipeline, rank, stage, comm, optimizer, LOSSES[config.loss], groups, config.recompute
+    )
 
 
 def _input_parts(
@@ -264,29 +261,128 @@ def _label_parts(
     return list(labels.tensor_split(n_microbatches, dim=dim))
 
 
-def train(config: TrainConfig, generated: ModuleType) -> None:
-    """Run ``config.steps`` steps of the schedule on this rank; the process group must exist."""
+class Reporter:
+    """What the last stage tells the user: a progress bar on a terminal, one line per step
+    otherwise, JSON lines with ``--log_json``, and a summary at the end."""
+
+    def __init__(self, config: TrainConfig, start: int, total: int, steps_per_epoch: int | None):
+        self.total = total
+        self.steps_per_epoch = steps_per_epoch
+        self.samples = 0
+        self.seconds = 0.0
+        self.last_loss = math.nan
+        self.json: TextIO | None = open(config.log_json, "a") if config.log_json else None
+        self.bar = None
+        if not config.no_progress and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, lr: float, batch: int, seconds: float) -> None:
+        self.samples += batch
+        self.seconds += seconds
+        self.last_loss = loss
+        rate = batch / seconds
+        epoch = step // self.steps_per_epoch if self.steps_per_epoch else None
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+            self.bar.update(1)
+        else:
+            where = f" epoch {epoch}" if epoch is not None else ""
+            print(
+                f"step {step}{where} loss {loss:.6f} lr {lr:.4g} samples/s {rate:.1f}", flush=True
+            )
+        if self.json is not None:
+            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr}
+            record.update({"samples": batch, "seconds": seconds, "samples_per_s": rate})
+            self.json.write(json.dumps(record) + "\n")
+            self.json.flush()
+
+    def close(self, steps: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.json is not None:
+            self.json.close()
+        if steps:
+            rate = self.samples / self.seconds if self.seconds else 0.0
+            print(
+                f"trained {steps} steps: last loss {self.last_loss:.6f}, "
+                f"{rate:.1f} samples/s on average",
+                flush=True,
+            )
+
+
+def _save_training_state(
+    config: TrainConfig, generated: ModuleType, executor: Executor, scheduler: Any, step: int
+) -> None:
+    """Every rank writes its stage's state for ``step``; rank 0 commits once all have."""
+    rank, n_stages = dist.get_rank(), dist.get_world_size()
+    state = checkpoint.StageState(
+        step=step,
+        model=executor.stage.state_dict(),
+        optimizer=executor.optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        rng=checkpoint.capture_rng(),
+        extra={},
+    )
+    checkpoint.save_stage(config.checkpoint_dir, rank, n_stages, state)
+    dist.barrier()
+    if rank == 0:
+        meta = checkpoint.pipeline_meta(config.model, generated.PIPELINE)
+        checkpoint.commit(config.checkpoint_dir, step, n_stages, meta)
+        log.info("checkpoint of step %d in %s", step, config.checkpoint_dir)
+
+
+def _resume(config: TrainConfig, executor: Executor, scheduler: Any) -> int:
+    """Restore this rank's stage, optimizer, schedule and random state; the step to go on from."""
+    if checkpoint.latest_step(config.checkpoint_dir) is None:
+        print(f"no checkpoint in {config.checkpoint_dir} yet: starting from step 0", flush=True)
+        return 0
+    state = checkpoint.load_stage(config.checkpoint_dir, dist.get_rank(), dist.get_world_size())
+    executor.stage.load_state_dict(state.model)
+    executor.optimizer.load_state_dict(state.optimizer)
+    if state.scheduler is not None:
+        scheduler.load_state_dict(state.scheduler)
+    checkpoint.restore_rng(state.rng)
+    return state.step
+
+
+def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> None:
+    """Run the schedule for every step of the run on this rank; the process group must exist."""
     pipeline = generated.PIPELINE
     rank, n_stages = dist.get_rank(), len(pipeline["stages"])
-    device = local_device(config.device)
-    executor = _build_executor(config, generated, rank)
-    torch.manual_seed(config.seed + rank)
-    actions = SCHEDULES[config.schedule](n_stages, config.microbatches).actions[rank]
+    executor = _build_executor(config, generated, rank, device)
     data = DataSource(config, pipeline)
+    total = total_steps(config, data)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        executor.optimizer,
+        lambda step: lr_factor(config.lr_schedule, step, total, config.warmup_steps),
+    )
+    torch.manual_seed(config.seed + rank)
+    start = _resume(config, executor, scheduler) if config.resume else 0
+    is_last = rank == n_stages - 1
+    if rank == 0:
+        print(f"data {data.description}; {total} steps", flush=True)
+    reporter = Reporter(config, start, total, data.steps_per_epoch) if is_last else None
+    actions = SCHEDULES[config.schedule](n_stages, config.microbatches).actions[rank]
     m = config.microbatches
-    for step in range(config.steps):
+    for step in range(start, total):
         started = time.perf_counter()
         batch, input_parts = (
             _input_parts(data, step, device, m) if rank == MODEL_INPUT_SOURCE else (0, None)
         )
         batch = _broadcast_batch_size(batch, device)
-        if batch < m:
-            raise RuntimeConfigError(f"a batch of {batch} cannot be cut into {m} microbatches")
-        label_parts = _label_parts(data, step, device, batch, m) if rank == n_stages - 1 else None
+        label_parts = _label_parts(data, step, device, batch, m) if is_last else None
+        lr = executor.optimizer.param_groups[0]["lr"]
         loss = executor.run(actions, batch, m, input_parts, label_parts)
-        if loss is not None:
-            elapsed = time.perf_counter() - started
-            print(f"step {step} loss {loss:.6f} samples/s {batch / elapsed:.1f}", flush=True)
+        scheduler.step()
+        if reporter is not None:
+            reporter.step(step, loss, lr, batch, time.perf_counter() - started)
+        every = config.checkpoint_every
+        if config.checkpoint_dir and (step + 1 == total or (every and (step + 1) % every == 0)):
+            _save_training_state(config, generated, executor, scheduler, step + 1)
+    if reporter is not None:
+        reporter.close(total - start)
     if config.save_checkpoint:
         _save_checkpoint(generated, executor.stage, rank, config.save_checkpoint)
 
@@ -297,14 +393,13 @@ def run(config: TrainConfig) -> None:
     device = local_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=config.timeout)
     dist.init_process_group(
         backend=backend_for(device),
-        timeout=timeout,
+        timeout=datetime.timedelta(seconds=config.timeout),
         device_id=device if device.type == "cuda" else None,
     )
     try:
-        train(config, generated)
+        train(config, generated, device)
         # Every rank waits until all transfers have landed before tearing the group down;
         # gloo aborts a process whose peer closes a connection with data still in flight.
         dist.barrier()
