@@ -6,9 +6,14 @@ walk the same list of transfers (PIPELINE order), so sends and receives pair up 
 message saying what is coming. Receive buffers are shaped from PIPELINE with the batch dimension
 set to the microbatch's size, which every rank knows, so batches of any size work.
 
-Sends are asynchronous and kept until :meth:`StageComm.wait_sends`; receives are posted together
-with ``batch_isend_irecv`` and waited on at once. A schedule that is deadlock-free when sends
-never block therefore runs without deadlock here.
+Each direction between two stages is a channel of its own, a two-rank process group: values go
+from ``src`` to ``dst`` on one, their gradients come back on another. Both ends put messages on a
+channel in the same order (schedule order, then PIPELINE order), so every channel is a FIFO with
+one sender and one receiver. Sends are asynchronous and kept until
+:meth:`StageComm.wait_sends`; a receive blocks only its own rank. With NCCL, where a send does
+not complete until its receive is posted, a pending send therefore holds up only later sends on
+its own channel, never a receive or another channel, and a schedule that is deadlock-free when
+sends never block (what :meth:`runtime.schedule.Schedule.validate` checks) runs without deadlock.
 """
 
 from __future__ import annotations
@@ -69,65 +74,102 @@ def buffer_for(spec: Mapping[str, Any], batch: int, device: torch.device) -> tor
     return torch.empty(shape, dtype=getattr(torch, spec["dtype"]), device=device)
 
 
+FORWARD_CHANNEL, BACKWARD_CHANNEL = "values", "gradients"
+
+
+def make_channels(pipeline: Mapping[str, Any]) -> dict[tuple[int, int, str], Any]:
+    """One two-rank process group per direction between stages that exchange values: values
+    from src to dst, and gradients back where any of them carries one. Every rank must call
+    this in the same order (``new_group`` is collective); the map is keyed (src, dst, kind)."""
+    specs = value_specs(pipeline)
+    pairs: dict[tuple[int, int], bool] = {}
+    for t in transfers(pipeline):
+        key = (t.src, t.dst)
+        pairs[key] = pairs.get(key, False) or carries_gradient(specs[t.name])
+    channels: dict[tuple[int, int, str], Any] = {}
+    for (src, dst), with_gradients in sorted(pairs.items()):
+        channels[(src, dst, FORWARD_CHANNEL)] = dist.new_group(ranks=sorted((src, dst)))
+        if with_gradients:
+            channels[(src, dst, BACKWARD_CHANNEL)] = dist.new_group(ranks=sorted((src, dst)))
+    return channels
+
+
 class StageComm:
     """The sends and receives of one stage, forward (values) and backward (their gradients)."""
 
-    def __init__(self, pipeline: Mapping[str, Any], rank: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        pipeline: Mapping[str, Any],
+        rank: int,
+        device: torch.device,
+        channels: Mapping[tuple[int, int, str], Any],
+    ) -> None:
         self.rank = rank
         self.device = device
         self.specs = value_specs(pipeline)
         every = transfers(pipeline)
         self.incoming = [t for t in every if t.dst == rank]
         self.outgoing = [t for t in every if t.src == rank]
-        # posted sends, each batch's works with its tensors, kept alive until they complete
-        self._pending: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+        self.channels = channels
+        # posted sends, each with its tensor, kept alive until they complete
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
-    def _wait_receives(self, ops: list[dist.P2POp]) -> None:
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+    def _wait_receives(self, receives: list[tuple[torch.Tensor, int, Any, int]]) -> None:
+        """Post every (buffer, src, group, tag) receive, then wait for all of them."""
+        works = [
+            dist.irecv(buffer, src, group=group, tag=tag) for buffer, src, group, tag in receives
+        ]
+        for work in works:
+            work.wait()
 
-    def _post_sends(self, ops: list[dist.P2POp]) -> None:
-        if ops:
+    def _post_sends(self, sends: list[tuple[torch.Tensor, int, Any, int]]) -> None:
+        """Post every (tensor, dst, group, tag) send without waiting."""
+        if sends:
             self._release_completed()
-            self._pending.append((dist.batch_isend_irecv(ops), [op.tensor for op in ops]))
+        for tensor, dst, group, tag in sends:
+            self._pending.append((dist.isend(tensor, dst, group=group, tag=tag), tensor))
 
     def _release_completed(self) -> None:
         """Forget sends that have completed, so their tensors can be freed before the step."""
         self._pending = [
-            (works, tensors)
-            for works, tensors in self._pending
-            if not all(work.is_completed() for work in works)
+            (work, tensor) for work, tensor in self._pending if not work.is_completed()
         ]
 
     def receive_values(self, batch: int) -> dict[str, torch.Tensor]:
         """This stage's inputs from other stages for a microbatch of ``batch`` samples."""
         received: dict[str, torch.Tensor] = {}
-        ops = []
+        receives = []
         for t in self.incoming:
             received[t.name] = buffer_for(self.specs[t.name], batch, self.device)
-            ops.append(dist.P2POp(dist.irecv, received[t.name], t.src, tag=t.tag))
-        self._wait_receives(ops)
+            channel = self.channels[(t.src, t.dst, FORWARD_CHANNEL)]
+            receives.append((received[t.name], t.src, channel, t.tag))
+        self._wait_receives(receives)
         return received
 
     def send_values(self, values: Mapping[str, torch.Tensor]) -> None:
         """Send each value this stage produces (or, on rank 0, reads) to every consumer."""
-        ops = [
-            dist.P2POp(dist.isend, values[t.name].detach().contiguous(), t.dst, tag=t.tag)
+        sends = [
+            (
+                values[t.name].detach().contiguous(),
+                t.dst,
+                self.channels[(t.src, t.dst, FORWARD_CHANNEL)],
+                t.tag,
+            )
             for t in self.outgoing
         ]
-        self._post_sends(ops)
+        self._post_sends(sends)
 
     def receive_gradients(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Gradients of this stage's outputs, summed over the stages that consume them."""
-        ops = []
+        receives = []
         parts: list[tuple[str, torch.Tensor]] = []
         for t in self.outgoing:
             if t.name in outputs and carries_gradient(self.specs[t.name]):
                 buffer = torch.empty_like(outputs[t.name], memory_format=torch.contiguous_format)
                 parts.append((t.name, buffer))
-                ops.append(dist.P2POp(dist.irecv, buffer, t.dst, tag=t.tag))
-        self._wait_receives(ops)
+                channel = self.channels[(t.src, t.dst, BACKWARD_CHANNEL)]
+                receives.append((buffer, t.dst, channel, t.tag))
+        self._wait_receives(receives)
         grads: dict[str, torch.Tensor] = {}
         for name, grad in parts:
             grads[name] = grads[name] + grad if name in grads else grad
@@ -135,17 +177,17 @@ class StageComm:
 
     def send_gradients(self, inputs: Mapping[str, torch.Tensor]) -> None:
         """Send the gradient of each received input back to the stage that sent it."""
-        ops = []
+        sends = []
         for t in self.incoming:
             if carries_gradient(self.specs[t.name]):
                 value = inputs[t.name]
                 grad = torch.zeros_like(value) if value.grad is None else value.grad
-                ops.append(dist.P2POp(dist.isend, grad.contiguous(), t.src, tag=t.tag))
-        self._post_sends(ops)
+                channel = self.channels[(t.src, t.dst, BACKWARD_CHANNEL)]
+                sends.append((grad.contiguous(), t.src, channel, t.tag))
+        self._post_sends(sends)
 
     def wait_sends(self) -> None:
         """Block until every send posted so far has completed, so its tensor may be freed."""
-        for works, _ in self._pending:
-            for work in works:
-                work.wait()
+        for work, _ in self._pending:
+            work.wait()
         self._pending.clear()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime import checkpoint
-from runtime.comm import MODEL_INPUT_SOURCE, StageComm
+from runtime.comm import MODEL_INPUT_SOURCE, StageComm, make_channels
 from runtime.data import DataSource, check_data
 from runtime.executor import (
     Executor,
@@ -233,7 +233,7 @@ def _build_executor(
     groups = tied_groups(pipeline, rank, stage)
     synchronize_tied(groups)
     optimizer = OPTIMIZERS[config.optimizer](list(stage.parameters()), config)
-    comm = StageComm(pipeline, rank, device)
+    comm = StageComm(pipeline, rank, device, make_channels(pipeline))
     return Executor(
         pipeline, rank, stage, comm, optimizer, LOSSES[config.loss], groups, config.recompute
     )
