@@ -9,7 +9,8 @@ set to the microbatch's size, which every rank knows, so batches of any size wor
 Each direction between two stages is a channel of its own, a two-rank process group: values go
 from ``src`` to ``dst`` on one, their gradients come back on another. Both ends put messages on a
 channel in the same order (schedule order, then PIPELINE order), so every channel is a FIFO with
-one sender and one receiver. Sends are asynchronous and kept until
+one sender and one receiver (on gloo, whose sends never wait, all channels share the default
+group). Sends are asynchronous and kept until
 :meth:`StageComm.wait_sends`; a receive blocks only its own rank. With NCCL, where a send does
 not complete until its receive is posted, a pending send therefore holds up only later sends on
 its own channel, never a receive or another channel, and a schedule that is deadlock-free when
@@ -77,10 +78,16 @@ def buffer_for(spec: Mapping[str, Any], batch: int, device: torch.device) -> tor
 FORWARD_CHANNEL, BACKWARD_CHANNEL = "values", "gradients"
 
 
-def make_channels(pipeline: Mapping[str, Any]) -> dict[tuple[int, int, str], Any]:
+def make_channels(
+    pipeline: Mapping[str, Any], separate: bool = True
+) -> dict[tuple[int, int, str], Any]:
     """One two-rank process group per direction between stages that exchange values: values
     from src to dst, and gradients back where any of them carries one. Every rank must call
-    this in the same order (``new_group`` is collective); the map is keyed (src, dst, kind)."""
+    this in the same order (``new_group`` is collective); the map is keyed (src, dst, kind).
+
+    With ``separate=False`` every channel is the default group (None): right for gloo, whose
+    sends never wait for their receives, and faster there than a group, with its own
+    connections and threads, per channel."""
     specs = value_specs(pipeline)
     pairs: dict[tuple[int, int], bool] = {}
     for t in transfers(pipeline):
@@ -88,9 +95,11 @@ def make_channels(pipeline: Mapping[str, Any]) -> dict[tuple[int, int, str], Any
         pairs[key] = pairs.get(key, False) or carries_gradient(specs[t.name])
     channels: dict[tuple[int, int, str], Any] = {}
     for (src, dst), with_gradients in sorted(pairs.items()):
-        channels[(src, dst, FORWARD_CHANNEL)] = dist.new_group(ranks=sorted((src, dst)))
-        if with_gradients:
-            channels[(src, dst, BACKWARD_CHANNEL)] = dist.new_group(ranks=sorted((src, dst)))
+        kinds = (FORWARD_CHANNEL, BACKWARD_CHANNEL) if with_gradients else (FORWARD_CHANNEL,)
+        for kind in kinds:
+            channels[(src, dst, kind)] = (
+                dist.new_group(ranks=sorted((src, dst))) if separate else None
+            )
     return channels
 
 

@@ -233,7 +233,8 @@ def _build_executor(
     groups = tied_groups(pipeline, rank, stage)
     synchronize_tied(groups)
     optimizer = OPTIMIZERS[config.optimizer](list(stage.parameters()), config)
-    comm = StageComm(pipeline, rank, device, make_channels(pipeline))
+    channels = make_channels(pipeline, separate=backend_for(device) == "nccl")
+    comm = StageComm(pipeline, rank, device, channels)
     return Executor(
         pipeline, rank, stage, comm, optimizer, LOSSES[config.loss], groups, config.recompute
     )

@@ -17,7 +17,7 @@ def user_models_file() -> Path:
     return ASSETS / "user_models.py"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -28,7 +28,7 @@ def launch(n_procs: int, *flags: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
         "--nproc_per_node", str(n_procs), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "runtime", "--device", "cpu", *flags,
+        "--master_port", str(free_port()), "-m", "runtime", "--device", "cpu", *flags,
     ]  # fmt: skip
     return subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S, check=False

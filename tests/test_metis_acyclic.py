@@ -41,9 +41,13 @@ MODEL = CostModel()
 # Synthetic contracted graphs ----------------------------------------------------------------
 
 
-def contracted(compute: list[float], edges: list[tuple[int, int]], nbytes: int | list[int] = 1000,
-               carried: dict[tuple[int, int], list[str]] | None = None,
-               sizes: dict[str, tuple[int, bool]] | None = None) -> nx.DiGraph:
+def contracted(
+    compute: list[float],
+    edges: list[tuple[int, int]],
+    nbytes: int | list[int] = 1000,
+    carried: dict[tuple[int, int], list[str]] | None = None,
+    sizes: dict[str, tuple[int, bool]] | None = None,
+) -> nx.DiGraph:
     """A graph with the attributes ``autopipe.graph.contract`` produces; node i has rank i.
 
     Node u's value ``v{u}`` rides every edge out of u, unless ``carried[(u, v)]`` names the
@@ -59,9 +63,18 @@ def contracted(compute: list[float], edges: list[tuple[int, int]], nbytes: int |
     graph = nx.DiGraph()
     for i, ms in enumerate(compute):
         sizes.setdefault(f"v{i}", (per_node[i], True))
-        graph.add_node(i, members=[f"n{i}"], order=i, rank=i, param_bytes=0, state_bytes=0,
-                       forward_ms=ms / 3, backward_ms=2 * ms / 3, activation_bytes=per_node[i],
-                       sends={name: sizes[name] for name in sorted(sent[i])})
+        graph.add_node(
+            i,
+            members=[f"n{i}"],
+            order=i,
+            rank=i,
+            param_bytes=0,
+            state_bytes=0,
+            forward_ms=ms / 3,
+            backward_ms=2 * ms / 3,
+            activation_bytes=per_node[i],
+            sends={name: sizes[name] for name in sorted(sent[i])},
+        )
     for (u, v), on in names.items():
         graph.add_edge(u, v, values=list(on), bytes=sum(sizes[name][0] for name in on))
     return graph
@@ -112,8 +125,9 @@ def wide(branches: int = 8, length: int = 6) -> nx.DiGraph:
     return contracted([1.0] * (sink + 1), edges)
 
 
-def layered(layers: int, width: int, seed: int = 0, skip: float = 0.2, span: int = 8,
-            byte_scale: int = 1000) -> nx.DiGraph:
+def layered(
+    layers: int, width: int, seed: int = 0, skip: float = 0.2, span: int = 8, byte_scale: int = 1000
+) -> nx.DiGraph:
     """Layers of ``width`` nodes, each fed by one or two nodes of the layer before and, now
     and then, by one up to ``span`` layers back; compute about 1 ms per node."""
     rng = random.Random(seed)
@@ -128,13 +142,17 @@ def layered(layers: int, width: int, seed: int = 0, skip: float = 0.2, span: int
                 edges.add(((layer - back) * width + rng.randrange(width), v))
     n = layers * width
     compute = [rng.uniform(0.8, 1.2) for _ in range(n)]
-    return contracted(compute, sorted(edges), nbytes=[rng.randint(1, 10) * byte_scale for _ in range(n)])
+    return contracted(
+        compute, sorted(edges), nbytes=[rng.randint(1, 10) * byte_scale for _ in range(n)]
+    )
 
 
 def random_dag(n: int, density: float, seed: int, span: int = 4) -> nx.DiGraph:
     """Dense short-range edges: many merge candidates whose other paths run through pairs."""
     rng = random.Random(seed)
-    edges = sorted({(u, v) for v in range(n) for u in range(max(0, v - span), v) if rng.random() < density})
+    edges = sorted(
+        {(u, v) for v in range(n) for u in range(max(0, v - span), v) if rng.random() < density}
+    )
     return contracted([rng.uniform(0.1, 2.0) for _ in range(n)], edges)
 
 
@@ -148,11 +166,18 @@ def multi_valued(n: int, seed: int) -> nx.DiGraph:
         sizes[f"a{u}"] = (rng.randint(1, 10**7), True)
         sizes[f"b{u}"] = (rng.randint(1, 10**7), False)
         carried[(u, v)] = rng.choice([[f"a{u}"], [f"b{u}"], [f"a{u}", f"b{u}"]])
-    return contracted([rng.uniform(0.0, 3.0) for _ in range(n)], edges, carried=carried, sizes=sizes)
+    return contracted(
+        [rng.uniform(0.0, 3.0) for _ in range(n)], edges, carried=carried, sizes=sizes
+    )
 
 
-SHAPES = {"chain": chain, "diamonds": diamonds, "long_skips": long_skips, "wide": wide,
-          "layered": lambda: layered(6, 5, seed=3)}
+SHAPES = {
+    "chain": chain,
+    "diamonds": diamonds,
+    "long_skips": long_skips,
+    "wide": wide,
+    "layered": lambda: layered(6, 5, seed=3),
+}
 PARTITIONERS = {"acyclic": partition_acyclic, "metis": partition_metis}
 
 
@@ -254,9 +279,13 @@ def test_stage_loads_agree_with_the_cost_model_move_by_move(seed: int) -> None:
         loads.move(node, target)
         key = loads.key()
         assert priced[1] == key[1] and priced[0] == pytest.approx(key[0], rel=1e-9, abs=1e-12)
-        expected = [cost.time_ms for cost in stage_costs(coarse, dict(zip(nodes, stages)), n_stages, MODEL)]
+        expected = [
+            cost.time_ms for cost in stage_costs(coarse, dict(zip(nodes, stages)), n_stages, MODEL)
+        ]
         assert loads.times == pytest.approx(expected, rel=1e-9, abs=1e-12)
-        assert stage_times(graph, stages, n_stages, MODEL) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert stage_times(graph, stages, n_stages, MODEL) == pytest.approx(
+            expected, rel=1e-9, abs=1e-12
+        )
 
 
 def test_coarse_levels_are_priced_as_their_members() -> None:
@@ -266,7 +295,9 @@ def test_coarse_levels_are_priced_as_their_members() -> None:
     levels = coarsen(finest, 2, seed=0)
     owner = np.arange(len(finest))
     for depth, level in enumerate(levels):
-        stages = _contiguous_stages(len(level), 3, rng) if len(level) > 3 else list(range(len(level)))
+        stages = (
+            _contiguous_stages(len(level), 3, rng) if len(level) > 3 else list(range(len(level)))
+        )
         stage_of = {n: stages[owner[u]] for u, n in enumerate(nodes)}
         expected = [cost.time_ms for cost in stage_costs(coarse, stage_of, 3, MODEL)]
         assert stage_times(level, stages, 3, MODEL) == pytest.approx(expected, rel=1e-9, abs=1e-12)
@@ -300,8 +331,12 @@ def _two_chains(n: int) -> nx.DiGraph:
     other both ways."""
     edges, carried, sizes = [], {}, {}
     for i in range(n - 1):
-        for u, v, heavy in ((2 * i, 2 * i + 2, True), (2 * i + 1, 2 * i + 3, True),
-                            (2 * i, 2 * i + 3, False), (2 * i + 1, 2 * i + 2, False)):
+        for u, v, heavy in (
+            (2 * i, 2 * i + 2, True),
+            (2 * i + 1, 2 * i + 3, True),
+            (2 * i, 2 * i + 3, False),
+            (2 * i + 1, 2 * i + 2, False),
+        ):
             edges.append((u, v))
             name = f"v{u}" if heavy else f"s{u}"
             carried[(u, v)] = [name]

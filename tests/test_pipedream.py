@@ -34,17 +34,32 @@ def _graph(n: int, seed: int, skip: float = 0.0, big_node: int | None = None) ->
     graph = nx.DiGraph()
     for r in range(n):
         params = rng.randrange(0, 4_000_000)
-        graph.add_node(r, members=[f"op{r}"], order=r, rank=r, forward_ms=float(rng.randrange(1, 20)),
-                       backward_ms=float(rng.randrange(1, 40)), param_bytes=params,
-                       state_bytes=params + rng.randrange(0, 100_000),
-                       activation_bytes=rng.randrange(100_000, 2_000_000), sends={})
+        graph.add_node(
+            r,
+            members=[f"op{r}"],
+            order=r,
+            rank=r,
+            forward_ms=float(rng.randrange(1, 20)),
+            backward_ms=float(rng.randrange(1, 40)),
+            param_bytes=params,
+            state_bytes=params + rng.randrange(0, 100_000),
+            activation_bytes=rng.randrange(100_000, 2_000_000),
+            sends={},
+        )
     if big_node is not None:
         graph.nodes[big_node]["forward_ms"] = 400.0
         graph.nodes[big_node]["backward_ms"] = 800.0
     for r in range(n - 1):
         _send(graph, r, r + 1, f"main{r}", rng.randrange(10_000, 30_000_000), rng.random() < 0.8)
         if r + 2 < n and rng.random() < skip:
-            _send(graph, r, rng.randrange(r + 2, n), f"skip{r}", rng.randrange(10_000, 30_000_000), rng.random() < 0.5)
+            _send(
+                graph,
+                r,
+                rng.randrange(r + 2, n),
+                f"skip{r}",
+                rng.randrange(10_000, 30_000_000),
+                rng.random() < 0.5,
+            )
     return graph
 
 
@@ -85,20 +100,26 @@ def test_matches_brute_force_on_chains_and_dags(skip: float) -> None:
         n = random.Random(seed).randrange(4, 10)
         graph = _graph(n, seed, skip)
         for p in range(2, min(4, n) + 1):
-            options = PartitionOptions(cost=CostModel(bandwidth=random.Random(seed).choice([1.0, 12.0, 100.0])))
+            options = PartitionOptions(
+                cost=CostModel(bandwidth=random.Random(seed).choice([1.0, 12.0, 100.0]))
+            )
             solution = solve_pipedream(graph, p, options)
             _check_plan(graph, solution.plan, p)
             costs = stage_costs(graph, solution.plan.stage_of, p, options.cost)
             assert solution.bottleneck_ms == pytest.approx(max(c.time_ms for c in costs), rel=1e-12)
             assert list(solution.stage_ms) == pytest.approx([c.time_ms for c in costs], rel=1e-12)
-            assert solution.bottleneck_ms == pytest.approx(_brute_force(graph, p, options.cost), rel=1e-12)
+            assert solution.bottleneck_ms == pytest.approx(
+                _brute_force(graph, p, options.cost), rel=1e-12
+            )
 
 
 def test_memory_limit_picks_the_best_feasible_split() -> None:
     checked = 0
     for seed in range(40):
         graph = _graph(8, seed, skip=0.3)
-        free = CostModel(bandwidth=12.0, recomputation=seed % 2 == 0, schedule=("1f1b", "gpipe")[seed % 3 == 0])
+        free = CostModel(
+            bandwidth=12.0, recomputation=seed % 2 == 0, schedule=("1f1b", "gpipe")[seed % 3 == 0]
+        )
         unlimited = solve_pipedream(graph, 3, PartitionOptions(cost=free))
         peak = max(c.memory_bytes for c in stage_costs(graph, unlimited.plan.stage_of, 3, free))
         limited = replace(free, memory_limit=peak - 1)
@@ -117,13 +138,17 @@ def test_memory_limit_picks_the_best_feasible_split() -> None:
 def test_an_impossible_memory_limit_names_what_the_best_split_needs() -> None:
     graph = _graph(7, 3, skip=0.3)
     model = CostModel(memory_limit=1e6)
-    needed = min(max(c.memory_bytes for c in stage_costs(graph, stage_of, 3, model))
-                 for stage_of in _splits(7, 3))
+    needed = min(
+        max(c.memory_bytes for c in stage_costs(graph, stage_of, 3, model))
+        for stage_of in _splits(7, 3)
+    )
     with pytest.raises(UserError) as error:
         partition_pipedream(graph, 3, PartitionOptions(cost=model))
     message = str(error.value)
     assert f"needs {needed / 1e9:.2f} GB per device" in message
-    assert re.match(r"no split into 3 stages fits in 0\.00 GB: .*raise -p or --memory_limit$", message)
+    assert re.match(
+        r"no split into 3 stages fits in 0\.00 GB: .*raise -p or --memory_limit$", message
+    )
 
 
 def _replicated_brute_force(graph: nx.DiGraph, devices: int, model: CostModel) -> float:
@@ -135,8 +160,12 @@ def _replicated_brute_force(graph: nx.DiGraph, devices: int, model: CostModel) -
             for replicas in itertools.product(range(1, devices + 1), repeat=count):
                 if sum(replicas) != devices:
                     continue
-                times = [c.compute_ms / m + c.comm_ms + model.transfer_ms(4 * (m - 1) * c.param_bytes / m)
-                         for c, m in zip(costs, replicas)]
+                times = [
+                    c.compute_ms / m
+                    + c.comm_ms
+                    + model.transfer_ms(4 * (m - 1) * c.param_bytes / m)
+                    for c, m in zip(costs, replicas)
+                ]
                 best = min(best, max(times))
     return best
 
@@ -146,12 +175,22 @@ def test_replication_matches_brute_force_and_uses_every_device() -> None:
         graph = _graph(6, seed, skip=0.3)
         model = CostModel(bandwidth=50.0)
         for devices in (2, 3, 4):
-            solution = solve_pipedream(graph, devices, PartitionOptions(cost=model, replication=True))
+            solution = solve_pipedream(
+                graph, devices, PartitionOptions(cost=model, replication=True)
+            )
             assert sum(solution.plan.replicas) == devices
             assert len(solution.plan.replicas) == 1 + max(solution.plan.stage_of.values())
-            assert solution.bottleneck_ms == pytest.approx(_replicated_brute_force(graph, devices, model), rel=1e-12)
             assert solution.bottleneck_ms == pytest.approx(
-                max(stage_times(graph, solution.plan, PartitionOptions(cost=model, replication=True))), rel=1e-12)
+                _replicated_brute_force(graph, devices, model), rel=1e-12
+            )
+            assert solution.bottleneck_ms == pytest.approx(
+                max(
+                    stage_times(
+                        graph, solution.plan, PartitionOptions(cost=model, replication=True)
+                    )
+                ),
+                rel=1e-12,
+            )
 
 
 def test_replication_beats_a_pipeline_when_one_layer_dominates() -> None:
@@ -178,7 +217,10 @@ def test_replication_respects_memory_and_in_flight_activations() -> None:
     except UserError:
         return
     count = len(solution.plan.replicas)
-    assert all(c.memory_bytes <= peak - 1 for c in stage_costs(graph, solution.plan.stage_of, count, limited.cost))
+    assert all(
+        c.memory_bytes <= peak - 1
+        for c in stage_costs(graph, solution.plan.stage_of, count, limited.cost)
+    )
     assert solution.bottleneck_ms >= unlimited.bottleneck_ms
 
 
@@ -197,19 +239,28 @@ def test_hierarchical_machine_prices_server_cuts_at_the_slow_link() -> None:
         for stage_of in _splits(8, 4):
             fast = stage_costs(graph, stage_of, 4, CostModel(bandwidth=300.0))
             slow = stage_costs(graph, stage_of, 4, CostModel(bandwidth=1.0))
-            best = min(best, max(fast[0].time_ms, slow[1].time_ms, fast[2].time_ms, fast[3].time_ms))
+            best = min(
+                best, max(fast[0].time_ms, slow[1].time_ms, fast[2].time_ms, fast[3].time_ms)
+            )
         assert solution.bottleneck_ms == pytest.approx(best, rel=1e-12)
 
 
 def test_hierarchical_machine_needs_matching_stage_count() -> None:
     with pytest.raises(UserError, match="2 x 2 = 4 devices"):
-        partition_pipedream(_graph(8, 0), 3, PartitionOptions(levels=(Level(2, 300.0), Level(2, 25.0))))
+        partition_pipedream(
+            _graph(8, 0), 3, PartitionOptions(levels=(Level(2, 300.0), Level(2, 25.0)))
+        )
 
 
 def test_heterogeneous_devices_time_stages_on_their_device_type() -> None:
     graph = _graph(8, 4)
-    own = {f"op{r}": graph.nodes[r]["forward_ms"] + graph.nodes[r]["backward_ms"] for r in graph.nodes}
-    devices = (DeviceGroup("a", "fast", 2, own), RelativeDeviceGroup("b", "slow", 1, {}, slowdown=3.0))
+    own = {
+        f"op{r}": graph.nodes[r]["forward_ms"] + graph.nodes[r]["backward_ms"] for r in graph.nodes
+    }
+    devices = (
+        DeviceGroup("a", "fast", 2, own),
+        RelativeDeviceGroup("b", "slow", 1, {}, slowdown=3.0),
+    )
     options = PartitionOptions(cost=CostModel(bandwidth=1000.0), devices=devices)
     solution = solve_pipedream(graph, 3, options)
     costs = stage_costs(graph, solution.plan.stage_of, 3, options.cost)
@@ -226,7 +277,9 @@ def test_heterogeneous_devices_time_stages_on_their_device_type() -> None:
         partition_pipedream(graph, 4, options)
 
 
-def _solve_with(graph: nx.DiGraph, p: int, options: PartitionOptions, blocks: int, trials: tuple[float, ...]):
+def _solve_with(
+    graph: nx.DiGraph, p: int, options: PartitionOptions, blocks: int, trials: tuple[float, ...]
+):
     """Solve with the bound search set: ``blocks`` for the block guess, ``trials`` for the
     lower-bound multiples; a huge ``blocks`` and no ``trials`` solve without any bound."""
     with pytest.MonkeyPatch.context() as patch:
@@ -243,10 +296,16 @@ def test_pruning_by_bounds_keeps_the_exact_optimum_and_its_ties() -> None:
     for seed in range(4):
         graph = _graph(48, seed, skip=0.2)
         unlimited = solve_pipedream(graph, 4, PartitionOptions())
-        peak = max(c.memory_bytes for c in stage_costs(graph, unlimited.plan.stage_of, 4, CostModel()))
-        for options in (PartitionOptions(cost=CostModel(bandwidth=1.0)), PartitionOptions(replication=True),
-                        PartitionOptions(levels=levels), PartitionOptions(cost=CostModel(memory_limit=0.9 * peak)),
-                        PartitionOptions(replication=True, cost=CostModel(memory_limit=0.95 * peak))):
+        peak = max(
+            c.memory_bytes for c in stage_costs(graph, unlimited.plan.stage_of, 4, CostModel())
+        )
+        for options in (
+            PartitionOptions(cost=CostModel(bandwidth=1.0)),
+            PartitionOptions(replication=True),
+            PartitionOptions(levels=levels),
+            PartitionOptions(cost=CostModel(memory_limit=0.9 * peak)),
+            PartitionOptions(replication=True, cost=CostModel(memory_limit=0.95 * peak)),
+        ):
             exact = _solve_with(graph, 4, options, blocks=10**9, trials=())
             for blocks, trials in ((6, (1.3, 3.0)), (10**9, (1.01, 1.1))):
                 pruned = _solve_with(graph, 4, options, blocks, trials)
@@ -260,8 +319,17 @@ def test_pruning_by_bounds_keeps_the_exact_optimum_and_its_ties() -> None:
 def test_ties_go_to_earlier_cuts_and_results_repeat() -> None:
     graph = nx.DiGraph()
     for r in range(6):
-        graph.add_node(r, members=[f"op{r}"], rank=r, forward_ms=1.0, backward_ms=0.0, param_bytes=0,
-                       state_bytes=0, activation_bytes=0, sends={})
+        graph.add_node(
+            r,
+            members=[f"op{r}"],
+            rank=r,
+            forward_ms=1.0,
+            backward_ms=0.0,
+            param_bytes=0,
+            state_bytes=0,
+            activation_bytes=0,
+            sends={},
+        )
     first = partition_pipedream(graph, 4, PartitionOptions())
     assert [first.stage_of[r] for r in range(6)] == [0, 1, 2, 2, 3, 3]
     assert partition_pipedream(graph, 4, PartitionOptions()) == first
@@ -270,10 +338,15 @@ def test_ties_go_to_earlier_cuts_and_results_repeat() -> None:
 def test_server_files(tmp_path) -> None:
     (tmp_path / "v100.json").write_text(json.dumps({"op0": 1.5, "op1": 2}))
     good = tmp_path / "servers.txt"
-    good.write_text("# two servers\nalpha\nV100 4 v100.json\nK80 2 3.5\n\nbeta\nV100 2 v100.json  # same profile\n")
+    good.write_text(
+        "# two servers\nalpha\nV100 4 v100.json\nK80 2 3.5\n\nbeta\nV100 2 v100.json  # same profile\n"
+    )
     groups = load_server_file(good)
-    assert [(g.server, g.device_type, g.count) for g in groups] == [("alpha", "V100", 4), ("alpha", "K80", 2),
-                                                                      ("beta", "V100", 2)]
+    assert [(g.server, g.device_type, g.count) for g in groups] == [
+        ("alpha", "V100", 4),
+        ("alpha", "K80", 2),
+        ("beta", "V100", 2),
+    ]
     assert groups[0].compute_ms == {"op0": 1.5, "op1": 2.0}
     assert isinstance(groups[1], RelativeDeviceGroup) and groups[1].slowdown == 3.5
     bad = {
@@ -321,6 +394,10 @@ def test_partitions_a_zoo_model_end_to_end() -> None:
     result = partition(graph, traced.graph_module, 4, "pipedream", PartitionOptions())
     assert result.n_stages == 4 and result.replicas == (1, 1, 1, 1)
     times = [c.time_ms for c in result.costs]
-    assert max(times) == pytest.approx(max(stage_times(result.coarse, Plan(result.stage_of), PartitionOptions())))
-    replicated = partition(graph, traced.graph_module, 4, "pipedream", PartitionOptions(replication=True))
+    assert max(times) == pytest.approx(
+        max(stage_times(result.coarse, Plan(result.stage_of), PartitionOptions()))
+    )
+    replicated = partition(
+        graph, traced.graph_module, 4, "pipedream", PartitionOptions(replication=True)
+    )
     assert sum(replicated.replicas) == 4 and len(replicated.replicas) == replicated.n_stages

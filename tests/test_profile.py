@@ -82,7 +82,9 @@ def test_flops_linear_time_is_its_flops_over_the_peak() -> None:
     assert profiles["_0"].forward_ms == pytest.approx(expected, rel=1e-12)
     # On the V100 preset a Linear this size is compute-bound too.
     v100 = profile_flops(traced, graph, DEVICES["v100"], recomputation=False)
-    assert v100["_0"].forward_ms == pytest.approx(2 * 64 * 256 * 256 / DEVICES["v100"].peak_flops * 1e3, rel=1e-9)
+    assert v100["_0"].forward_ms == pytest.approx(
+        2 * 64 * 256 * 256 / DEVICES["v100"].peak_flops * 1e3, rel=1e-9
+    )
     # The second Linear's input needs a grad: its backward computes two matmuls.
     assert profiles["_2"].backward_ms > profiles["_2"].forward_ms
     assert profiles["_2"].backward_ms == pytest.approx(2 * expected, rel=1e-12)
@@ -95,7 +97,9 @@ def test_flops_recomputation_adds_the_forward() -> None:
     recomputed = profile_flops(traced, graph, DEVICES["v100"], recomputation=True)
     for name in graph.nodes:
         assert recomputed[name].forward_ms == plain[name].forward_ms
-        assert recomputed[name].backward_ms == pytest.approx(plain[name].backward_ms + plain[name].forward_ms)
+        assert recomputed[name].backward_ms == pytest.approx(
+            plain[name].backward_ms + plain[name].forward_ms
+        )
     assert recomputed["_2"].backward_ms > plain["_2"].backward_ms
 
 
@@ -140,8 +144,10 @@ def test_flops_runs_on_the_zoo_convnet() -> None:
     traced, graph = _graph(task.model, task.example_inputs)
     profiles = profile(traced, graph, mode="flops", device_spec="cpu")
     convs = [n for n in graph.nodes if graph.nodes[n]["op"] == "call_module" and "conv" in n]
-    assert convs and all(profiles[n].forward_ms > 0 and profiles[n].backward_ms > profiles[n].forward_ms
-                         for n in convs)
+    assert convs and all(
+        profiles[n].forward_ms > 0 and profiles[n].backward_ms > profiles[n].forward_ms
+        for n in convs
+    )
 
 
 # Measured -----------------------------------------------------------------------------------
@@ -173,10 +179,14 @@ def test_measured_handles_inplace_tuples_and_sizes() -> None:
     traced, graph = _graph(model, (x,))
     before = _state(model)
     for save_memory_mode in (False, True):
-        profiles = profile_measured(traced, graph, warmup=1, repeats=2, save_memory_mode=save_memory_mode,
-                                    progress=False)
+        profiles = profile_measured(
+            traced, graph, warmup=1, repeats=2, save_memory_mode=save_memory_mode, progress=False
+        )
         assert set(profiles) == set(graph.nodes)
-        assert profiles["attn"].forward_ms > 0 and profiles["attn"].backward_ms > profiles["attn"].forward_ms
+        assert (
+            profiles["attn"].forward_ms > 0
+            and profiles["attn"].backward_ms > profiles["attn"].forward_ms
+        )
         # recomputation: the backward of a node without one is its forward again
         assert profiles["size"].backward_ms == profiles["size"].forward_ms
     _assert_untouched(model, before)
@@ -221,7 +231,9 @@ def test_measured_profiles_are_cached_reused_and_overwritten(tmp_path, monkeypat
     files = list(tmp_path.iterdir())
     key = profiling.cache_key(traced, graph, "cpu", True, 5)
     assert [f.name for f in files] == [f"{key}.json"] and len(calls) == 1
-    assert json.loads(files[0].read_text())["profiles"]["_0"]["forward_ms"] == first["_0"].forward_ms
+    assert (
+        json.loads(files[0].read_text())["profiles"]["_0"]["forward_ms"] == first["_0"].forward_ms
+    )
 
     def refuse(*args, **kwargs):
         raise AssertionError("measured again despite the cache")
@@ -231,7 +243,9 @@ def test_measured_profiles_are_cached_reused_and_overwritten(tmp_path, monkeypat
 
     fixed = {name: NodeProfile(1.0, 2.0, None) for name in graph.nodes}
     monkeypatch.setattr(profiling, "profile_measured", lambda *args, **kwargs: fixed)
-    assert profile(traced, graph, mode="measured", cache_dir=tmp_path, overwrite_cache=True) == fixed
+    assert (
+        profile(traced, graph, mode="measured", cache_dir=tmp_path, overwrite_cache=True) == fixed
+    )
     assert profile(traced, graph, mode="measured", cache_dir=tmp_path) == fixed
     assert [f.name for f in tmp_path.iterdir()] == [f"{key}.json"]  # no temporary file left
 
@@ -253,8 +267,9 @@ def test_cache_names_directories_and_keys(tmp_path, monkeypatch) -> None:
     assert key == profiling.cache_key(traced, graph, "cpu", True, 5)
     assert key != profiling.cache_key(traced, graph, "cpu", False, 5)
     assert key != profiling.cache_key(traced, graph, "cpu", True, 7)
-    other_traced, other_graph = _graph(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)),
-                                       (torch.randn(32, 256),))
+    other_traced, other_graph = _graph(
+        nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)), (torch.randn(32, 256),)
+    )
     assert key != profiling.cache_key(other_traced, other_graph, "cpu", True, 5)
 
 
@@ -263,6 +278,10 @@ def test_a_stale_cache_is_measured_again(tmp_path, monkeypatch) -> None:
     fixed = {name: NodeProfile(1.0, 2.0, None) for name in graph.nodes}
     monkeypatch.setattr(profiling, "profile_measured", lambda *args, **kwargs: fixed)
     (tmp_path / "mlp.json").write_text('{"format": 1, "profiles": {}}')
-    assert profile(traced, graph, mode="measured", cache_dir=tmp_path, cache_name="mlp.json") == fixed
+    assert (
+        profile(traced, graph, mode="measured", cache_dir=tmp_path, cache_name="mlp.json") == fixed
+    )
     (tmp_path / "mlp.json").write_text("not json")
-    assert profile(traced, graph, mode="measured", cache_dir=tmp_path, cache_name="mlp.json") == fixed
+    assert (
+        profile(traced, graph, mode="measured", cache_dir=tmp_path, cache_name="mlp.json") == fixed
+    )

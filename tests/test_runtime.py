@@ -10,16 +10,19 @@ import copy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import autopipe
 from autopipe.tasks import zoo_task
-from conftest import launch
-from runtime.comm import Transfer, buffer_for, transfers
+from conftest import free_port, launch
+from runtime.comm import StageComm, Transfer, buffer_for, make_channels, transfers
 from runtime.executor import microbatch_sizes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,3 +218,44 @@ def test_receive_buffers_take_the_microbatch_size() -> None:
     assert microbatch_sizes(6, 4) == [2, 2, 1, 1]
     spec = {**_spec(0, [1], [8, 5, 3]), "batch_dim": 1}
     assert buffer_for(spec, 2, torch.device("cpu")).shape == (8, 2, 3)
+
+
+def _exchange(rank: int, port: int, separate: bool, results: Any) -> None:
+    """Rank 0 sends a value to rank 1 and gets its gradient back, over the given channels."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, h = _spec(None, [0], [4, 3]), _spec(0, [1], [4, 3])
+        pipeline = {
+            "stages": [
+                {"inputs": ["x"], "outputs": ["h"], "values": {"x": x, "h": h}},
+                {"inputs": ["h"], "outputs": [], "values": {"h": h}},
+            ]
+        }
+        comm = StageComm(pipeline, rank, torch.device("cpu"), make_channels(pipeline, separate))
+        if rank == 0:
+            value = torch.arange(12.0).reshape(4, 3).requires_grad_()
+            comm.send_values({"h": value})
+            grads = comm.receive_gradients({"h": value})
+            results.put(grads["h"].tolist())
+        else:
+            received = comm.receive_values(4)["h"].requires_grad_()
+            (received * 2).sum().backward()
+            comm.send_gradients({"h": received})
+        comm.wait_sends()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_values_and_gradients_cross_per_direction_channels(separate: bool) -> None:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=_exchange, args=(r, port, separate, results)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(TIMEOUT_S)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    assert results.get(timeout=5) == [[2.0] * 3] * 4
