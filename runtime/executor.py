@@ -9,6 +9,7 @@ summed over microbatches are those of the mean loss over the whole batch.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,17 @@ class _Saved:
     outputs: dict[str, torch.Tensor] | None
     args: list[torch.Tensor] | None = None
     rng: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    """When one action ran on one stage: ``perf_counter`` seconds of that process."""
+
+    stage: int
+    name: str
+    kind: str
+    start: float
+    end: float
 
 
 @dataclass(frozen=True)
@@ -158,25 +170,48 @@ class Executor:
         n_microbatches: int,
         inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
         labels: Sequence[torch.Tensor] | None = None,
+        trace: list[TraceRecord] | None = None,
     ) -> float | None:
         """Run ``actions`` for a batch of ``batch`` samples; return its loss on the last stage.
 
         ``inputs`` (rank 0) holds the model inputs per microbatch, ``labels`` (last rank) the
-        labels per microbatch.
+        labels per microbatch. With ``trace``, each action's start and end (``perf_counter``
+        seconds, waiting for the GPU where there is one) are appended to it.
         """
         sizes = microbatch_sizes(batch, n_microbatches)
         losses: list[float] = []
         for action in actions:
-            i = action.microbatch
-            if action.kind == FORWARD:
-                self._forward(i, sizes[i], inputs[i] if inputs is not None else {})
-            elif action.kind == BACKWARD:
-                label = labels[i] if labels is not None else None
-                losses.append(self._backward(i, sizes[i] / batch, label))
-            elif action.kind == STEP:
-                self._step()
+            started = self._clock() if trace is not None else 0.0
+            self._run_action(action, sizes, batch, inputs, labels, losses)
+            if trace is not None:
+                trace.append(
+                    TraceRecord(self.rank, str(action), action.kind, started, self._clock())
+                )
         self.comm.wait_sends()
         return sum(losses) if self.is_last else None
+
+    def _clock(self) -> float:
+        if self.comm.device.type == "cuda":
+            torch.cuda.synchronize(self.comm.device)
+        return time.perf_counter()
+
+    def _run_action(
+        self,
+        action: Action,
+        sizes: Sequence[int],
+        batch: int,
+        inputs: Sequence[Mapping[str, torch.Tensor]] | None,
+        labels: Sequence[torch.Tensor] | None,
+        losses: list[float],
+    ) -> None:
+        i = action.microbatch
+        if action.kind == FORWARD:
+            self._forward(i, sizes[i], inputs[i] if inputs is not None else {})
+        elif action.kind == BACKWARD:
+            label = labels[i] if labels is not None else None
+            losses.append(self._backward(i, sizes[i] / batch, label))
+        elif action.kind == STEP:
+            self._step()
 
     def _forward(self, i: int, size: int, model_inputs: Mapping[str, torch.Tensor]) -> None:
         received = self.comm.receive_values(size)
