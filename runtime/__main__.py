@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(parser, "--resume", "go on from the latest checkpoint in --checkpoint_dir")
     parser.add_argument("--log_json", help="append one JSON line per step to this file")
+    parser.add_argument(
+        "--trace", help="write every action's measured times as a Chrome/Perfetto trace (JSON)"
+    )
     _flag(parser, "--no_progress", "one line per step instead of a progress bar")
     parser.add_argument(
         "--device",

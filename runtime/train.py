@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
@@ -31,11 +31,13 @@ from runtime.data import DataSource, check_data
 from runtime.executor import (
     Executor,
     LossFn,
+    TraceRecord,
     split_microbatches,
     synchronize_tied,
     tied_groups,
 )
 from runtime.schedule import SCHEDULES, ScheduleError, stage_dependencies
+from runtime.simulate import chrome_trace
 from runtime.stage import (
     RuntimeConfigError,
     backend_for,
@@ -83,6 +85,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: bool = False
     log_json: str | None = None
+    trace: str | None = None
     no_progress: bool = False
     device: str = "auto"
     timeout: float = 300.0
@@ -334,6 +337,23 @@ def _save_training_state(
         log.info("checkpoint of step %d in %s", step, config.checkpoint_dir)
 
 
+def _write_trace(
+    config: TrainConfig, records: list[TraceRecord], origin: float, n_stages: int
+) -> None:
+    """Gather every rank's action times on rank 0 and write them as a Chrome/Perfetto trace,
+    the format ``python -m runtime.simulate --trace`` predicts in. Each rank's clock starts at
+    a barrier, so the stages line up to within that barrier's skew, across machines too."""
+    shifted = [replace(r, start=r.start - origin, end=r.end - origin) for r in records]
+    rank = dist.get_rank()
+    gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(shifted, gathered, dst=0)
+    if rank == 0:
+        label = f"measured: {config.schedule}, p={n_stages}, m={config.microbatches}"
+        every = [record for part in gathered for record in part]
+        Path(config.trace).write_text(json.dumps(chrome_trace(every, label=label)))
+        log.info("wrote trace %s", config.trace)
+
+
 def _resume(config: TrainConfig, executor: Executor, scheduler: Any) -> int:
     """Restore this rank's stage, optimizer, schedule and random state; the step to go on from."""
     if checkpoint.latest_step(config.checkpoint_dir) is None:
@@ -367,6 +387,10 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
     reporter = Reporter(config, start, total, data.steps_per_epoch) if is_last else None
     actions = SCHEDULES[config.schedule](n_stages, config.microbatches).actions[rank]
     m = config.microbatches
+    trace: list[TraceRecord] | None = [] if config.trace else None
+    if trace is not None:
+        dist.barrier()
+    origin = time.perf_counter()
     for step in range(start, total):
         started = time.perf_counter()
         batch, input_parts = (
@@ -375,7 +399,7 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
         batch = _broadcast_batch_size(batch, device)
         label_parts = _label_parts(data, step, device, batch, m) if is_last else None
         lr = executor.optimizer.param_groups[0]["lr"]
-        loss = executor.run(actions, batch, m, input_parts, label_parts)
+        loss = executor.run(actions, batch, m, input_parts, label_parts, trace)
         scheduler.step()
         if reporter is not None:
             reporter.step(step, loss, lr, batch, time.perf_counter() - started)
@@ -384,6 +408,8 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
             _save_training_state(config, generated, executor, scheduler, step + 1)
     if reporter is not None:
         reporter.close(total - start)
+    if trace is not None:
+        _write_trace(config, trace, origin, n_stages)
     if config.save_checkpoint:
         _save_checkpoint(generated, executor.stage, rank, config.save_checkpoint)
 

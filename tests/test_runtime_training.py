@@ -105,8 +105,13 @@ def test_weights_start_as_the_zoo_models_built_with_the_seed(tmp_path: Path) -> 
 
 
 def test_recompute_gives_the_same_training_as_keeping_activations(noisy: Path) -> None:
-    kept, again = noisy / "kept.pt", noisy / "recomputed.pt"
-    _ok(launch(2, *_noisy_flags(noisy), "--steps", "3", "--save_checkpoint", str(kept)))
+    kept, again, trace = noisy / "kept.pt", noisy / "recomputed.pt", noisy / "trace.json"
+    _ok(launch(2, *_noisy_flags(noisy), "--steps", "3", "--save_checkpoint", str(kept),
+               "--trace", str(trace)))  # fmt: skip
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    per_stage = sorted(e["name"] for e in events if e["tid"] == 1)
+    assert per_stage == sorted(["F0", "F1", "B0", "B1", "S"] * 3)  # 3 steps of 2 microbatches
+    assert {e["tid"] for e in events} == {0, 1} and min(e["ts"] for e in events) == 0
     _ok(launch(2, *_noisy_flags(noisy), "--steps", "3", "--recompute",
                "--save_checkpoint", str(again)))  # fmt: skip
     _assert_same(torch.load(again), torch.load(kept))
