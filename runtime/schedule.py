@@ -5,15 +5,21 @@ backward, ``S`` the optimizer step). It can be printed as a grid, checked agains
 graph of a generated file, and simulated step by step, so that an executor only has to run the
 actions it is given and knows nothing about GPipe or 1F1B.
 
+Synchronous schedules (GPipe, 1F1B) step once, after all the backwards. Asynchronous ones
+(PipeDream, stale, PipeDream-2BW, PipeOptim) cover a whole run without a flush, step inside it,
+and name on each F and B the weight version it computes with (``F5@2``: version 2, the stage's
+weights after 2 steps).
+
 Dependencies between stages come from a generated file's ``PIPELINE`` dict
 (:func:`stage_dependencies`): for each stage, the earlier stages it receives values from.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FORWARD = "F"
 BACKWARD = "B"
@@ -29,11 +35,23 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True)
 class Action:
-    """One unit of work: the forward or backward of a microbatch on a stage, or a stage's step."""
+    """One unit of work: the forward or backward of a microbatch on a stage, or a stage's step.
+
+    ``version`` is set in asynchronous schedules only. On an F or B it is the weight version the
+    compute uses (v: the stage's weights after v steps, 0 the initial ones); on an S it is the
+    version the step makes (1 for a stage's first step). ``predict`` (F only, PipeOptim) asks for
+    the weights predicted that many steps ahead of ``version``.
+
+    Two actions are equal when they name the same work: the same F or B of a microbatch on a
+    stage, or the same step of a stage. The weights an F or B uses annotate it and are left out,
+    so ``Action("F", 1, 3)`` finds ``F3@2`` of stage 1 in a schedule or a simulation.
+    """
 
     kind: str
     stage: int
     microbatch: int | None
+    version: int | None = None
+    predict: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -42,9 +60,35 @@ class Action:
             raise ScheduleError(
                 f"{self.kind} on stage {self.stage}: a step has no microbatch, F and B need one"
             )
+        if self.version is not None and self.version < 0:
+            raise ScheduleError(f"{self}: a weight version counts steps, so it cannot be negative")
+        if self.predict and (self.kind != FORWARD or self.version is None or self.predict < 0):
+            raise ScheduleError(
+                f"{self.kind} on stage {self.stage}: only a versioned F predicts weights, "
+                f"a positive number of steps ahead (got predict={self.predict})"
+            )
+
+    def _identity(self) -> tuple[str, int, int | None, int | None]:
+        """The work named: F and B by microbatch, S by the version it makes."""
+        return self.kind, self.stage, self.microbatch, self.version if self.kind == STEP else None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Action):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     def __str__(self) -> str:
-        return self.kind if self.microbatch is None else f"{self.kind}{self.microbatch}"
+        if self.microbatch is None:
+            return self.kind
+        text = f"{self.kind}{self.microbatch}"
+        if self.version is not None:
+            text += f"@{self.version}"
+        if self.predict:
+            text += f"+{self.predict}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -71,6 +115,10 @@ class Schedule:
     n_stages: int
     n_microbatches: int
     actions: tuple[tuple[Action, ...], ...]
+    microbatches_per_step: int | None = None
+    """None for a synchronous schedule (one step per stage, after all its backwards); k for an
+    asynchronous one, where each stage steps after every k-th backward and every F and B
+    names its weight version."""
 
     def grid(self, dependencies: Dependencies | None = None) -> str:
         """A table with one row per device (here, per stage), one column per step, '.' if idle.
@@ -180,6 +228,144 @@ def one_f_one_b(n_stages: int, n_microbatches: int) -> Schedule:
 
 SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {"gpipe": gpipe, "1f1b": one_f_one_b}
 
+_VersionRule = Callable[[Action, int], Action]
+"""Given an F or B of a stage and the stage's current version there, the versioned action."""
+
+
+def _async_stage(
+    stage: int, n_stages: int, n_microbatches: int, per_step: int, rule: _VersionRule
+) -> tuple[Action, ...]:
+    """One stage of an asynchronous schedule: 1F1B's order of computes, never flushed, with a
+    step after every ``per_step``-th backward, each compute versioned by ``rule``."""
+    current = 0
+    actions = []
+    for action in _one_f_one_b_stage(stage, n_stages, n_microbatches):
+        if action.kind == STEP:
+            continue
+        actions.append(rule(action, current))
+        if action.kind == BACKWARD and (action.microbatch + 1) % per_step == 0:
+            current += 1
+            actions.append(Action(STEP, stage, None, current))
+    return tuple(actions)
+
+
+def _async_schedule(
+    name: str,
+    n_stages: int,
+    n_microbatches: int,
+    rules: Sequence[_VersionRule],
+    per_step: int = 1,
+) -> Schedule:
+    """An asynchronous schedule with one version rule per stage."""
+    actions = tuple(
+        _async_stage(stage, n_stages, n_microbatches, per_step, rules[stage])
+        for stage in range(n_stages)
+    )
+    return Schedule(name, n_stages, n_microbatches, actions, per_step)
+
+
+def _current(action: Action, current: int) -> Action:
+    """Compute with the newest weights the stage has."""
+    return replace(action, version=current)
+
+
+def _stashed() -> _VersionRule:
+    """A forward uses the newest weights; its backward uses the same version, stashed."""
+    used: dict[int, int] = {}
+
+    def rule(action: Action, current: int) -> Action:
+        return replace(action, version=used.setdefault(action.microbatch, current))
+
+    return rule
+
+
+def _fixed(versions: Mapping[int, int]) -> _VersionRule:
+    """Forward and backward of microbatch i use ``versions[i]``, whatever the stage has."""
+    return lambda action, current: replace(action, version=versions[action.microbatch])
+
+
+def _predicting(steps: int) -> _VersionRule:
+    """A forward predicts the weights ``steps`` steps ahead; a backward uses the newest ones."""
+
+    def rule(action: Action, current: int) -> Action:
+        return replace(action, version=current, predict=steps if action.kind == FORWARD else 0)
+
+    return rule
+
+
+def pipedream(n_stages: int, n_microbatches: int, vertical_sync: bool = False) -> Schedule:
+    """PipeDream: asynchronous 1F1B over a whole run, a step after every backward.
+
+    Stage s runs min(p - s - 1, n) warm-up forwards, then forward, backward, step, and drains.
+    A forward uses the newest weights and its backward the same version (weight stashing), so
+    stage s keeps p - s versions. With ``vertical_sync`` every stage uses, for microbatch i,
+    the version stage 0 used for its forward, so all stages see W(t - p + 1).
+    """
+    _check_counts(n_stages, n_microbatches)
+    stashed = [_stashed() for _ in range(n_stages)]
+    schedule = _async_schedule("pipedream", n_stages, n_microbatches, stashed)
+    if not vertical_sync:
+        return schedule
+    first = {a.microbatch: a.version for a in schedule.actions[0] if a.kind == FORWARD}
+    synced = [_fixed(first)] * n_stages
+    return _async_schedule("pipedream-vs", n_stages, n_microbatches, synced)
+
+
+def stale(n_stages: int, n_microbatches: int) -> Schedule:
+    """PipeDream's order without stashing: forward and backward each use the weights current
+    when they run, so a backward computes with newer weights than its forward saw."""
+    _check_counts(n_stages, n_microbatches)
+    return _async_schedule("stale", n_stages, n_microbatches, [_current] * n_stages)
+
+
+def two_bw(n_stages: int, n_microbatches: int, microbatches_per_batch: int) -> Schedule:
+    """PipeDream-2BW: asynchronous 1F1B, one step per batch of m microbatches per stage.
+
+    Every microbatch of batch t (i // m == t) uses version max(0, t - 1) on every stage, so
+    W(t + 1) = W(t) - lr * grad f(W(t - 1)) and each stage keeps two versions. Needs m >= p and
+    a whole number of batches.
+    """
+    _check_counts(n_stages, n_microbatches)
+    m = microbatches_per_batch
+    if m < n_stages:
+        raise ScheduleError(
+            f"2bw keeps two weight versions, which needs at least as many microbatches per batch "
+            f"as stages (m >= p); got {m} for {n_stages} stages: pass microbatches_per_batch of "
+            f"at least {n_stages}"
+        )
+    if n_microbatches % m:
+        raise ScheduleError(
+            f"2bw steps after every {m} microbatches, so n_microbatches must be a multiple of "
+            f"{m}; got {n_microbatches}"
+        )
+    versions = {i: max(0, i // m - 1) for i in range(n_microbatches)}
+    rules = [_fixed(versions)] * n_stages
+    return _async_schedule("2bw", n_stages, n_microbatches, rules, per_step=m)
+
+
+def pipeoptim(n_stages: int, n_microbatches: int) -> Schedule:
+    """PipeOptim: PipeDream's order without a stash; weights are predicted instead.
+
+    A forward on stage s uses the newest version predicted p - s - 1 steps ahead (the steps the
+    stage takes before its backward in steady state; the last stage predicts nothing), and its
+    backward uses the newest version. Warm-up forwards run before any step, when the optimizer
+    has no direction yet, so their prediction leaves the weights as they are.
+    """
+    _check_counts(n_stages, n_microbatches)
+    rules = [_predicting(n_stages - stage - 1) for stage in range(n_stages)]
+    return _async_schedule("pipeoptim", n_stages, n_microbatches, rules)
+
+
+ASYNC_SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "pipedream": pipedream,
+    "stale": stale,
+    "2bw": two_bw,
+    "pipeoptim": pipeoptim,
+}
+"""Asynchronous schedules, generated for a whole run; ``2bw`` also takes the microbatches per
+batch and ``pipedream`` takes ``vertical_sync``. Kept apart from :data:`SCHEDULES` until the
+executor runs versioned actions."""
+
 
 def _consumers(dependencies: Dependencies, n_stages: int) -> dict[int, set[int]]:
     """Invert the stage graph: for each stage, the stages that receive from it."""
@@ -205,13 +391,21 @@ def _prerequisites(
     producers: Dependencies,
     consumers: Mapping[int, AbstractSet[int]],
     n_microbatches: int,
+    backwards: Sequence[Action] | None = None,
 ) -> list[Action]:
-    """The actions, on any stage, that must finish before ``action`` may start."""
+    """The actions, on any stage, that must finish before ``action`` may start.
+
+    A step waits for the backwards whose gradients it applies: ``backwards``, those of its stage
+    run on its device since that stage's previous step, or every microbatch's when not given
+    (the one step of a synchronous schedule).
+    """
     stage, i = action.stage, action.microbatch
     if action.kind == FORWARD:
         return [_forward(t, i) for t in sorted(producers.get(stage, ()))]
     if action.kind == BACKWARD:
         return [_forward(stage, i), *(_backward(c, i) for c in sorted(consumers[stage]))]
+    if backwards is not None:
+        return list(backwards)
     return [_backward(stage, j) for j in range(n_microbatches)]
 
 
@@ -252,14 +446,20 @@ def _expected_actions(stage: int, n_microbatches: int) -> list[Action]:
     ]
 
 
+def _check_each_once(stage: int, actions: Sequence[Action], expected: Sequence[Action]) -> None:
+    """A stage must run each expected action exactly once."""
+    counts = Counter(actions)
+    for expected_action in expected:
+        count = counts[expected_action]
+        if count == 0:
+            raise ScheduleError(f"stage {stage} never runs {expected_action}")
+        if count > 1:
+            raise ScheduleError(f"stage {stage} runs {expected_action} {count} times")
+
+
 def _check_complete(stage: int, actions: Sequence[Action], n_microbatches: int) -> None:
     """A stage must run each of its actions exactly once."""
-    for expected in _expected_actions(stage, n_microbatches):
-        count = actions.count(expected)
-        if count == 0:
-            raise ScheduleError(f"stage {stage} never runs {expected}")
-        if count > 1:
-            raise ScheduleError(f"stage {stage} runs {expected} {count} times")
+    _check_each_once(stage, actions, _expected_actions(stage, n_microbatches))
 
 
 def _check_order(stage: int, actions: Sequence[Action]) -> None:
@@ -284,7 +484,10 @@ def _deadlock_message(
     consumers: Mapping[int, AbstractSet[int]],
     n_microbatches: int,
 ) -> str:
-    """Name the first device that cannot go on, what it waits for, and why that never runs."""
+    """Name the first device that cannot go on, what it waits for, and why that never runs.
+
+    A step is never the one stuck: the backwards it waits for ran before it on its device.
+    """
     device = next(d for d, actions in enumerate(remaining) if actions)
     action = remaining[device][0]
     needed = _prerequisites(action, producers, consumers, n_microbatches)
@@ -304,14 +507,21 @@ def simulate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
     """Run the schedule in lockstep, one action per device per step.
 
     A device runs its next action once every action it depends on, on any stage, finished in an
-    earlier step; otherwise it idles. Raises :class:`ScheduleError` if no device can move.
+    earlier step; otherwise it idles. A step depends on the backwards of its stage run on its
+    device since that stage's previous step. Raises :class:`ScheduleError` if no device can move.
     """
     _check_dependencies(dependencies, schedule.n_stages)
     consumers = _consumers(dependencies, schedule.n_stages)
     m = schedule.n_microbatches
     position = [0] * len(schedule.actions)
+    since_step: list[dict[int, list[Action]]] = [{} for _ in schedule.actions]
     start: dict[Action, int] = {}
     step = 0
+
+    def needs(device: int, action: Action) -> list[Action]:
+        backwards = since_step[device].get(action.stage, [])
+        return _prerequisites(action, dependencies, consumers, m, backwards)
+
     while any(pos < len(acts) for pos, acts in zip(position, schedule.actions)):
         waiting = [
             (device, acts[pos])
@@ -321,7 +531,7 @@ def simulate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
         ready = [
             (device, action)
             for device, action in waiting
-            if all(a in start for a in _prerequisites(action, dependencies, consumers, m))
+            if all(a in start for a in needs(device, action))
         ]
         if not ready:
             remaining = [acts[pos:] for pos, acts in zip(position, schedule.actions)]
@@ -330,21 +540,104 @@ def simulate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
         for device, action in ready:
             start[action] = step
             position[device] += 1
+            _track_backwards(since_step[device], action)
         step += 1
     return Simulation(step, start)
 
 
-def validate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
-    """Check that a synchronous schedule is complete, ordered and free of deadlock.
+def _track_backwards(since_step: dict[int, list[Action]], action: Action) -> None:
+    """Keep, per stage, the backwards run since its last step: what its next step applies."""
+    if action.kind == BACKWARD:
+        since_step.setdefault(action.stage, []).append(action)
+    elif action.kind == STEP:
+        since_step.pop(action.stage, None)
 
-    Every stage must run one F and one B per microbatch and one S, each F before its B and the
-    S last; then the lockstep simulation must finish. Returns that simulation; raises
-    :class:`ScheduleError` naming the first problem found.
+
+def _check_steps_per_run(schedule: Schedule) -> None:
+    """An asynchronous run must be a whole number of steps of at least one microbatch."""
+    per_step, n = schedule.microbatches_per_step, schedule.n_microbatches
+    if per_step < 1 or n % per_step:
+        raise ScheduleError(
+            f"{schedule.name}: {n} microbatches cannot be cut into steps of {per_step}; "
+            "microbatches_per_step must be positive and divide n_microbatches"
+        )
+
+
+def _check_versioned(stage: int, action: Action, steps: int) -> None:
+    """An F or B of an asynchronous schedule names a version the stage already made."""
+    if action.version is None:
+        raise ScheduleError(
+            f"stage {stage}: {action} names no weight version; every F and B of an "
+            "asynchronous schedule must"
+        )
+    if action.version > steps:
+        raise ScheduleError(
+            f"stage {stage}: {action} uses version {action.version}, but only {steps} steps ran "
+            "before it on that stage: a compute cannot use weights from the future"
+        )
+
+
+def _check_step(stage: int, action: Action, steps: int, backwards: int, per_step: int) -> None:
+    """The n-th step of a stage makes version n and comes after exactly n * per_step backwards."""
+    if action.version != steps:
+        raise ScheduleError(
+            f"stage {stage}: its step {steps} is marked as making version {action.version}; "
+            "a stage's steps make versions 1, 2, ... in order"
+        )
+    if backwards != steps * per_step:
+        raise ScheduleError(
+            f"stage {stage}: step {steps} comes after {backwards} backwards, but the schedule "
+            f"steps after every {per_step}"
+        )
+
+
+def _check_async_stage(stage: int, actions: Sequence[Action], schedule: Schedule) -> None:
+    """One stage of an asynchronous schedule: complete, each F before its B, steps where the
+    schedule says, and no compute using a version its stage has not made yet."""
+    n, per_step = schedule.n_microbatches, schedule.microbatches_per_step
+    computes = [a for a in actions if a.kind != STEP]
+    expected = [_forward(stage, i) for i in range(n)] + [_backward(stage, i) for i in range(n)]
+    _check_each_once(stage, computes, expected)
+    forwards: set[int] = set()
+    steps = backwards = 0
+    for action in actions:
+        if action.kind == STEP:
+            steps += 1
+            _check_step(stage, action, steps, backwards, per_step)
+            continue
+        _check_versioned(stage, action, steps)
+        if action.kind == FORWARD:
+            forwards.add(action.microbatch)
+            continue
+        if action.microbatch not in forwards:
+            forward = computes[computes.index(_forward(stage, action.microbatch))]
+            raise ScheduleError(f"stage {stage}: {action} comes before {forward}")
+        backwards += 1
+    if steps != n // per_step:
+        raise ScheduleError(
+            f"stage {stage} runs {steps} steps, but {n} microbatches at {per_step} per step "
+            f"make {n // per_step}"
+        )
+
+
+def validate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
+    """Check that a schedule is complete, ordered and free of deadlock.
+
+    Every stage must run one F and one B per microbatch, each F before its B. A synchronous
+    schedule has one S per stage, last. An asynchronous one has an S after every
+    ``microbatches_per_step``-th backward of a stage, and each F and B uses a version its
+    stage already made. Then the lockstep simulation must finish. Returns that simulation;
+    raises :class:`ScheduleError` naming the first problem found.
     """
     _check_ranges(schedule)
+    if schedule.microbatches_per_step is not None:
+        _check_steps_per_run(schedule)
     for stage, actions in _actions_by_stage(schedule).items():
-        _check_complete(stage, actions, schedule.n_microbatches)
-        _check_order(stage, actions)
+        if schedule.microbatches_per_step is None:
+            _check_complete(stage, actions, schedule.n_microbatches)
+            _check_order(stage, actions)
+        else:
+            _check_async_stage(stage, actions, schedule)
     return simulate(schedule, dependencies)
 
 
@@ -363,3 +656,48 @@ def peak_in_flight(schedule: Schedule) -> list[int]:
             peak = max(peak, held)
         peaks.append(peak)
     return peaks
+
+
+def _held_spans(actions: Sequence[Action]) -> list[tuple[int, int]]:
+    """For each version a stage makes, the positions in its action list over which it is held.
+
+    Version v is held from the step that makes it (the start, for version 0) while it is the
+    current one, and beyond that until the last F or B that uses it: a version a later compute
+    needs must be kept from when it is made, even if nothing uses it for a while.
+    """
+    made = [0]
+    last_use: dict[int, int] = {}
+    for index, action in enumerate(actions):
+        if action.kind == STEP:
+            made.append(index)
+        elif action.version is not None:
+            last_use[action.version] = index
+    ends = [later - 1 for later in made[1:]] + [len(actions) - 1]
+    return [
+        (begin, max(end, last_use.get(version, end)))
+        for version, (begin, end) in enumerate(zip(made, ends))
+    ]
+
+
+def weight_versions(schedule: Schedule) -> list[int]:
+    """Per stage, the most weight versions it must hold at once: the current one and every
+    older one that a later F or B still uses (held from the step that made it).
+
+    p - s for PipeDream on stage s, 2 for PipeDream-2BW, 1 for a synchronous schedule, for
+    stale and for PipeOptim. PipeOptim stores one version but, on stages that predict, needs one
+    more buffer for the predicted weights while a forward runs; that buffer is not counted here.
+    """
+    by_stage = _actions_by_stage(schedule)
+    counts = []
+    for stage in range(schedule.n_stages):
+        actions = by_stage[stage]
+        change = [0] * (len(actions) + 1)
+        for begin, end in _held_spans(actions):
+            change[begin] += 1
+            change[end + 1] -= 1
+        held = peak = 0
+        for delta in change:
+            held += delta
+            peak = max(peak, held)
+        counts.append(max(peak, 1))
+    return counts
