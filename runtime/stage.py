@@ -89,7 +89,7 @@ def local_device(preference: str = "auto") -> torch.device:
     if local_rank >= visible:
         raise RuntimeConfigError(
             f"local rank {local_rank} has no GPU of its own ({visible} visible): start at most "
-            f"{visible} processes per machine, or pass --device cpu"
+            f"{visible} process{'es' if visible != 1 else ''} per machine, or pass --device cpu"
         )
     return torch.device("cuda", local_rank)
 
