@@ -3,6 +3,9 @@
     torchrun --nproc_per_node 4 -m runtime --model generated_models/X.py --schedule 1f1b \\
         --microbatches 8 --batch_size 32 --steps 100 --optimizer adamw --lr 1e-4
 
+``--schedule pipedream`` (with ``--vertical_sync``), ``stale``, ``2bw`` or ``pipeoptim`` trains
+asynchronously: one pipeline for the whole run, weight versions per microbatch.
+
 ``--config FILE.json`` gives defaults that the flags override. User errors print one line,
 ``runtime: error: ...``, and exit with status 2 on every rank. A rank that crashes prints its
 traceback and ``runtime: error: rank R failed: ...`` and exits with status 1; torchrun then stops
@@ -23,11 +26,18 @@ from typing import Any
 
 import torch.distributed as dist
 
-from runtime.data import FORMS_HELP
-from runtime.schedule import SCHEDULES
 from runtime.cli import OneLineParser, fail
+from runtime.data import FORMS_HELP
+from runtime.schedule import SCHEDULE_NAMES
 from runtime.stage import DEVICES, RuntimeConfigError
-from runtime.train import DEFAULT_STEPS, LOSSES, LR_SCHEDULES, OPTIMIZERS, TrainConfig, run
+from runtime.train import (
+    DEFAULT_STEPS,
+    LOSSES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    TrainConfig,
+    run,
+)
 
 PROG = "runtime"
 # what gloo and NCCL say when the process at the other end has gone
@@ -46,7 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="JSON file of defaults; flags override them")
     parser.add_argument("--model", help="generated file, e.g. generated_models/X.py")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES))
+    parser.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULE_NAMES),
+        help="gpipe and 1f1b flush every step; pipedream, stale, 2bw and pipeoptim run "
+        "asynchronously (default 1f1b)",
+    )
+    _flag(parser, "--vertical_sync", "pipedream: every stage uses the version stage 0 chose")
     parser.add_argument("--microbatches", type=int)
     parser.add_argument("--batch_size", type=int)
     parser.add_argument("--steps", type=int, help=f"steps to train (default {DEFAULT_STEPS})")

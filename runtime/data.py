@@ -215,6 +215,15 @@ class DataSource:
         dim = self.specs[name].get("batch_dim")
         return self.config.batch_size if dim is None else inputs[name].shape[dim]
 
+    def step_batch_size(self, step: int) -> int:
+        """The batch size of step ``step``, known on every rank without reading or receiving the
+        step's data: ``--batch_size``, or the samples left for the last batch of an epoch.
+
+        Equal to :meth:`batch_size` of the step's inputs."""
+        if self.synthetic or self.specs[self.names[0]].get("batch_dim") is None:
+            return self.config.batch_size
+        return len(self._batch_indices(step))
+
     def _samples(self) -> Samples:
         """The split, loaded and checked against the model on first use."""
         if self._loaded is None:

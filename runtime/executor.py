@@ -1,9 +1,14 @@
-"""Run one training step of a schedule on this rank: its F, B and S actions, in order.
+"""Run a schedule's actions on this rank: its F, B and S actions, in order.
 
-The executor knows nothing about GPipe or 1F1B; it runs the action list it is given. A forward
-keeps the microbatch's inputs and outputs until its backward, which frees them. The last stage
-turns outputs into a loss weighted by the microbatch's share of the batch, so the gradients
-summed over microbatches are those of the mean loss over the whole batch.
+The executor knows nothing about GPipe, 1F1B or PipeDream; it runs the action list it is given,
+one batch's or a whole asynchronous run's. A forward keeps the microbatch's inputs and outputs
+until its backward, which frees them. The last stage turns outputs into a loss times the
+microbatch's weight (:class:`Feed`): its share of the batch when the gradients of a batch are
+summed before a step, so that they are those of the mean loss over the batch.
+
+Actions that name a weight version compute with that version (:class:`VersionStore`): an F
+with the version or PipeOptim's prediction, a B (and the forward it recomputes) with the
+version, and an S keeps the versions later computes still use.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from torch import nn
 
 from runtime.comm import StageComm
 from runtime.schedule import BACKWARD, FORWARD, STEP, Action
+from runtime.weights import VersionStore, versions_to_keep
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossHook = Callable[[int, float], None]
+"""Told, on the last stage, each microbatch's run index and its loss (not weighted)."""
 
 
 @dataclass
@@ -33,6 +41,23 @@ class _Saved:
     outputs: dict[str, torch.Tensor] | None
     args: list[torch.Tensor] | None = None
     rng: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What the executor reads about the microbatches its actions name, looked up by run index
+    when an action needs it, so that one action list may span many steps without holding their
+    data: microbatch i of the list is microbatch ``first + i`` of the run.
+
+    ``size_of(k)``: its samples; ``weight_of(k)``: the factor on its loss; ``inputs_for(k)``:
+    its model inputs (rank 0); ``labels_for(k)``: its labels (last rank).
+    """
+
+    size_of: Callable[[int], int]
+    weight_of: Callable[[int], float]
+    inputs_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None
+    labels_for: Callable[[int], torch.Tensor] | None = None
+    first: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,7 +164,7 @@ def _replayed_rng(
 
 
 class Executor:
-    """Runs a stage's actions for one batch, exchanging values and gradients through ``comm``."""
+    """Runs a stage's actions, exchanging values and gradients through ``comm``."""
 
     def __init__(
         self,
@@ -161,73 +186,81 @@ class Executor:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.groups = groups
+        self.store: VersionStore | None = None
         self._saved: dict[int, _Saved] = {}
 
     def run(
         self,
         actions: Sequence[Action],
-        batch: int,
-        n_microbatches: int,
-        inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
-        labels: Sequence[torch.Tensor] | None = None,
+        feed: Feed,
         trace: list[TraceRecord] | None = None,
-    ) -> float | None:
-        """Run ``actions`` for a batch of ``batch`` samples; return its loss on the last stage.
+        on_loss: LossHook | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``actions``, reading what their microbatches need from ``feed``.
 
-        ``inputs`` (rank 0) holds the model inputs per microbatch, ``labels`` (last rank) the
-        labels per microbatch. With ``trace``, each action's start and end (``perf_counter``
-        seconds, waiting for the GPU where there is one) are appended to it.
+        On the last stage ``on_loss`` hears each microbatch's loss after its backward;
+        ``on_step`` is called after every optimizer step (an LR scheduler's step). With
+        ``trace``, each action's start and end (``perf_counter`` seconds, waiting for the GPU
+        where there is one) are appended to it.
         """
-        sizes = microbatch_sizes(batch, n_microbatches)
-        losses: list[float] = []
+        keeps = iter(self._prepare_versions(actions))
         for action in actions:
             started = self._clock() if trace is not None else 0.0
-            self._run_action(action, sizes, batch, inputs, labels, losses)
+            if action.kind == FORWARD:
+                self._forward(action, feed)
+            elif action.kind == BACKWARD:
+                self._backward(action, feed, on_loss)
+            elif action.kind == STEP:
+                self._step(next(keeps, frozenset()), on_step)
             if trace is not None:
                 trace.append(
                     TraceRecord(self.rank, str(action), action.kind, started, self._clock())
                 )
         self.comm.wait_sends()
-        return sum(losses) if self.is_last else None
+
+    def _prepare_versions(self, actions: Sequence[Action]) -> list[frozenset[int]]:
+        """For actions that name weight versions, the store of versions and, per step, the
+        versions it keeps; nothing for a synchronous list, which computes with the current
+        weights."""
+        if all(action.version is None for action in actions):
+            return []
+        if self.store is None:
+            self.store = VersionStore(self.stage)
+        return versions_to_keep(actions)
+
+    def _weights_for(self, action: Action) -> contextlib.AbstractContextManager[None]:
+        """The weights an F or B computes with: its version, or PipeOptim's prediction."""
+        if self.store is None:
+            return contextlib.nullcontext()
+        if action.predict:
+            return self.store.predicted(self.optimizer, action.predict)
+        return self.store.use(action.version)
 
     def _clock(self) -> float:
         if self.comm.device.type == "cuda":
             torch.cuda.synchronize(self.comm.device)
         return time.perf_counter()
 
-    def _run_action(
-        self,
-        action: Action,
-        sizes: Sequence[int],
-        batch: int,
-        inputs: Sequence[Mapping[str, torch.Tensor]] | None,
-        labels: Sequence[torch.Tensor] | None,
-        losses: list[float],
-    ) -> None:
+    def _forward(self, action: Action, feed: Feed) -> None:
         i = action.microbatch
-        if action.kind == FORWARD:
-            self._forward(i, sizes[i], inputs[i] if inputs is not None else {})
-        elif action.kind == BACKWARD:
-            label = labels[i] if labels is not None else None
-            losses.append(self._backward(i, sizes[i] / batch, label))
-        elif action.kind == STEP:
-            self._step()
-
-    def _forward(self, i: int, size: int, model_inputs: Mapping[str, torch.Tensor]) -> None:
-        received = self.comm.receive_values(size)
+        k = feed.first + i
+        model_inputs = feed.inputs_for(k) if feed.inputs_for is not None else {}
+        received = self.comm.receive_values(feed.size_of(k))
         for name, value in received.items():
             if self.comm.specs[name]["requires_grad"] and value.is_floating_point():
                 value.requires_grad_(True)
         available = {**model_inputs, **received}
         args = [available[name] for name in self.spec["inputs"]]
-        if self.recompute:
-            rng = _capture_rng(args)
-            with torch.no_grad():
+        with self._weights_for(action):
+            if self.recompute:
+                rng = _capture_rng(args)
+                with torch.no_grad():
+                    outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
+                self._saved[i] = _Saved(received, None, args, rng)
+            else:
                 outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
-            self._saved[i] = _Saved(received, None, args, rng)
-        else:
-            outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
-            self._saved[i] = _Saved(received, outputs)
+                self._saved[i] = _Saved(received, outputs)
         self.comm.send_values({**model_inputs, **outputs})
 
     @contextlib.contextmanager
@@ -248,23 +281,31 @@ class Executor:
             for buffer, before in buffers:
                 buffer.copy_(before)
 
-    def _backward(self, i: int, weight: float, label: torch.Tensor | None) -> float:
+    def _backward(self, action: Action, feed: Feed, on_loss: LossHook | None) -> None:
+        i = action.microbatch
+        k = feed.first + i
         saved = self._saved.pop(i)
-        loss_value = 0.0
-        with self._outputs_for_backward(saved) as outputs:
+        label = feed.labels_for(k) if self.is_last and feed.labels_for is not None else None
+        loss_value = None
+        with self._weights_for(action), self._outputs_for_backward(saved) as outputs:
             if self.is_last:
                 loss = self.loss_fn(outputs[self.spec["outputs"][0]], label)
-                loss_value = loss.item() * weight
-                (loss * weight).backward()
+                loss_value = loss.item()
+                (loss * feed.weight_of(k)).backward()
             else:
                 grads = self.comm.receive_gradients(outputs)
                 pairs = [(outputs[n], g) for n, g in grads.items() if outputs[n].requires_grad]
                 if pairs:
                     torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         self.comm.send_gradients(saved.inputs)
-        return loss_value
+        if on_loss is not None and loss_value is not None:
+            on_loss(k, loss_value)
 
-    def _step(self) -> None:
+    def _step(self, keep: frozenset[int], on_step: Callable[[], None] | None) -> None:
+        """Sum tied gradients, update (keeping the versions later computes use), and clear."""
         reduce_tied_gradients(self.groups)
-        self.optimizer.step()
+        with self.store.step(keep) if self.store is not None else contextlib.nullcontext():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step()

@@ -330,8 +330,8 @@ def two_bw(n_stages: int, n_microbatches: int, microbatches_per_batch: int) -> S
     if m < n_stages:
         raise ScheduleError(
             f"2bw keeps two weight versions, which needs at least as many microbatches per batch "
-            f"as stages (m >= p); got {m} for {n_stages} stages: pass microbatches_per_batch of "
-            f"at least {n_stages}"
+            f"as stages (m >= p); got {m} for {n_stages} stages: pass microbatches_per_batch "
+            f"(--microbatches) of at least {n_stages}"
         )
     if n_microbatches % m:
         raise ScheduleError(
@@ -363,8 +363,44 @@ ASYNC_SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "pipeoptim": pipeoptim,
 }
 """Asynchronous schedules, generated for a whole run; ``2bw`` also takes the microbatches per
-batch and ``pipedream`` takes ``vertical_sync``. Kept apart from :data:`SCHEDULES` until the
-executor runs versioned actions."""
+batch and ``pipedream`` takes ``vertical_sync``. Kept apart from :data:`SCHEDULES`, whose
+schedules cover one batch: :func:`build_schedule` makes either kind for a run."""
+
+SCHEDULE_NAMES: tuple[str, ...] = (*SCHEDULES, *ASYNC_SCHEDULES)
+"""Every schedule a run can use: the synchronous ones, then the asynchronous ones."""
+
+
+def build_schedule(
+    name: str, n_stages: int, microbatches: int, steps: int = 1, vertical_sync: bool = False
+) -> Schedule:
+    """The schedule ``name`` for a run of ``steps`` batches of ``microbatches`` microbatches.
+
+    A synchronous schedule covers one batch and is run again for every step. An asynchronous
+    one covers the whole run without a flush: ``steps * microbatches`` microbatches, microbatch
+    k being part ``k % microbatches`` of step ``k // microbatches``'s batch. ``vertical_sync``
+    is PipeDream's option and an error with any other schedule.
+    """
+    if name not in SCHEDULE_NAMES:
+        raise ScheduleError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULE_NAMES)}")
+    if vertical_sync and name != "pipedream":
+        raise ScheduleError(f"vertical sync is an option of pipedream, not of {name}")
+    if name in SCHEDULES:
+        return SCHEDULES[name](n_stages, microbatches)
+    _check_counts(n_stages, microbatches)
+    n = steps * microbatches
+    if name == "pipedream":
+        return pipedream(n_stages, n, vertical_sync)
+    if name == "2bw":
+        return two_bw(n_stages, n, microbatches)
+    return ASYNC_SCHEDULES[name](n_stages, n)
+
+
+def optimizer_steps(schedule: Schedule, steps: int) -> int:
+    """How many optimizer steps each stage takes in a run of ``steps`` batches: one per batch
+    for a synchronous schedule, one per ``microbatches_per_step`` microbatches otherwise."""
+    if schedule.microbatches_per_step is None:
+        return steps
+    return schedule.n_microbatches // schedule.microbatches_per_step
 
 
 def _consumers(dependencies: Dependencies, n_stages: int) -> dict[int, set[int]]:

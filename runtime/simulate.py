@@ -31,7 +31,7 @@ from runtime.comm import carries_gradient, transfers, value_specs
 from runtime.schedule import (
     BACKWARD,
     FORWARD,
-    SCHEDULES,
+    SCHEDULE_NAMES,
     STEP,
     Action,
     Dependencies,
@@ -40,7 +40,9 @@ from runtime.schedule import (
     _check_dependencies,
     _consumers,
     _prerequisites,
+    build_schedule,
     stage_dependencies,
+    weight_versions,
 )
 from runtime.stage import RuntimeConfigError, load_generated
 
@@ -450,19 +452,6 @@ def costs_from_pipeline(
     )
 
 
-def weight_versions(schedule: Schedule) -> list[int]:
-    """Weight versions each stage keeps: what the schedule says (a ``weight_versions``
-    attribute or method, one number or one per stage), else 1 as for GPipe and 1F1B."""
-    versions = getattr(schedule, "weight_versions", None)
-    if callable(versions):
-        versions = versions()
-    if versions is None:
-        return [1] * schedule.n_stages
-    if isinstance(versions, int):
-        return [versions] * schedule.n_stages
-    return [int(v) for v in versions]
-
-
 def _as_record(item: Any) -> Record:
     """A trace record from a tuple or from anything with stage, name, kind, start and end."""
     if isinstance(item, tuple):
@@ -586,15 +575,22 @@ def _draw_boxes(axes: Any, timeline: Timeline) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; ``--schedule`` offers every schedule registered in SCHEDULES."""
+    """The command's flags; ``--schedule`` offers every schedule in SCHEDULE_NAMES."""
     parser = OneLineParser(
         prog=PROG,
         description="Predict a schedule's time per batch, bubble and memory from a generated "
         "file's costs.",
     )
     parser.add_argument("--model", required=True, help="generated file (generated_models/X.py)")
-    parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES))
+    parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULE_NAMES))
     parser.add_argument("--microbatches", type=int, default=4, help="microbatches per batch")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="batches an asynchronous schedule runs without a flush (default 4); a synchronous "
+        "one is simulated for one batch",
+    )
     parser.add_argument(
         "--bw",
         type=float,
@@ -608,8 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Reject bad flags before any work is done."""
-    if args.microbatches < 1:
-        raise SimulationError(f"--microbatches must be at least 1, got {args.microbatches}")
+    for flag in ("microbatches", "steps"):
+        if getattr(args, flag) < 1:
+            raise SimulationError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.bw is not None and not args.bw > 0:
         raise SimulationError(f"--bw must be positive, got {args.bw}")
     if args.timeline and Path(args.timeline).suffix not in (".png", ".svg"):
@@ -625,7 +622,7 @@ def report(
     """The figures the command prints: time, throughput, bubble, per-stage table, grid."""
     schedule = timeline.schedule
     lines = [
-        f"schedule {schedule.name}, p = {schedule.n_stages}, m = {schedule.n_microbatches}, "
+        f"schedule {schedule.name}, p = {schedule.n_stages}, m = {microbatches}, "
         f"links {costs.bandwidth_gbps:g} GB/s ({costs.bandwidth_source})",
         f"predicted time per {_unit(timeline)}: {format_ms(timeline.batch_ms)} ms"
         + _steps(timeline)
@@ -704,7 +701,8 @@ def run(args: argparse.Namespace) -> str:
     pipeline = load_generated(args.model).PIPELINE
     costs = costs_from_pipeline(pipeline, args.bw, args.microbatches)
     dependencies = stage_dependencies(pipeline)
-    schedule = SCHEDULES[args.schedule](len(pipeline["stages"]), args.microbatches)
+    n_stages = len(pipeline["stages"])
+    schedule = build_schedule(args.schedule, n_stages, args.microbatches, args.steps)
     timeline = simulate_costs(
         schedule,
         dependencies,

@@ -1,8 +1,14 @@
-"""The training loop: set up this rank's stage, run the schedule step after step, report, save.
+"""The training loop: set up this rank's stage, run the schedule, report, save.
+
+A synchronous schedule (gpipe, 1f1b) runs once per step, flushing the pipeline between steps.
+An asynchronous one (pipedream, stale, 2bw, pipeoptim) is one action list for the whole run, its
+microbatch k being part k % m of step k // m's batch, with steps inside it; it saves training
+state only at the end, once the pipeline has drained.
 
 Rank 0 reads the model inputs, the last rank the labels; both draw the same samples from the
-same seeded order, so no rank needs the other's data. Every user error is found before the
-process group starts where possible, so every rank stops with the same message.
+same seeded order, so no rank needs the other's data, and every rank knows each step's batch
+size from the data source. Every user error is found before the process group starts where
+possible, so every rank stops with the same message.
 """
 
 from __future__ import annotations
@@ -30,13 +36,23 @@ from runtime.comm import MODEL_INPUT_SOURCE, StageComm, make_channels
 from runtime.data import DataSource, check_data
 from runtime.executor import (
     Executor,
+    Feed,
     LossFn,
     TraceRecord,
+    microbatch_sizes,
     split_microbatches,
     synchronize_tied,
     tied_groups,
 )
-from runtime.schedule import SCHEDULES, ScheduleError, stage_dependencies
+from runtime.schedule import (
+    ASYNC_SCHEDULES,
+    SCHEDULE_NAMES,
+    Schedule,
+    ScheduleError,
+    build_schedule,
+    optimizer_steps,
+    stage_dependencies,
+)
 from runtime.simulate import chrome_trace
 from runtime.stage import (
     RuntimeConfigError,
@@ -60,6 +76,7 @@ class TrainConfig:
 
     model: str
     schedule: str = "1f1b"
+    vertical_sync: bool = False
     microbatches: int = 4
     batch_size: int = 8
     steps: int | None = None
@@ -127,7 +144,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 def check_config(config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
     """Reject flags that cannot work, before any process group exists."""
     choices = {
-        "schedule": SCHEDULES,
+        "schedule": SCHEDULE_NAMES,
         "loss": LOSSES,
         "optimizer": OPTIMIZERS,
         "lr_schedule": LR_SCHEDULES,
@@ -158,7 +175,38 @@ def check_config(config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
         raise RuntimeConfigError("--resume and --checkpoint_every need --checkpoint_dir")
     if len(pipeline["model_outputs"]) < 1:
         raise RuntimeConfigError("the model has no outputs to compute a loss from")
+    _check_schedule(config, len(pipeline["stages"]))
     check_data(config, pipeline)
+
+
+def _check_schedule(config: TrainConfig, n_stages: int) -> None:
+    """Reject schedule options that cannot work with this run."""
+    if config.vertical_sync and config.schedule != "pipedream":
+        raise RuntimeConfigError(
+            f"--vertical_sync is an option of --schedule pipedream, not of {config.schedule}"
+        )
+    if config.schedule == "2bw" and config.microbatches < n_stages:
+        raise RuntimeConfigError(
+            f"--schedule 2bw keeps two weight versions, which needs --microbatches of at least "
+            f"the {n_stages} stages, got {config.microbatches}"
+        )
+    if config.schedule not in ASYNC_SCHEDULES:
+        return
+    if config.recompute and config.schedule in ("stale", "pipeoptim"):
+        raise RuntimeConfigError(
+            f"--recompute with --schedule {config.schedule} would run the forward again with "
+            "other weights than it first ran with: drop --recompute, or use pipedream or 2bw"
+        )
+    if config.checkpoint_every:
+        raise RuntimeConfigError(
+            f"--schedule {config.schedule} keeps microbatches in flight between steps, so it "
+            "saves only at the end of an asynchronous run: drop --checkpoint_every"
+        )
+    if config.resume:
+        raise RuntimeConfigError(
+            f"--resume cannot go on with --schedule {config.schedule}: an asynchronous run "
+            "starts with an empty pipeline; resume with gpipe or 1f1b"
+        )
 
 
 def total_steps(config: TrainConfig, data: DataSource) -> int:
@@ -166,13 +214,6 @@ def total_steps(config: TrainConfig, data: DataSource) -> int:
     if config.epochs is None or data.steps_per_epoch is None:
         return config.steps or DEFAULT_STEPS
     return config.epochs * data.steps_per_epoch
-
-
-def _broadcast_batch_size(batch: int, device: torch.device) -> int:
-    """Rank 0 knows the step's batch size; every rank needs it to shape what it receives."""
-    size = torch.tensor([batch], dtype=torch.int64, device=device)
-    dist.broadcast(size, src=MODEL_INPUT_SOURCE)
-    return int(size.item())
 
 
 def initial_weights(config: TrainConfig, pipeline: Mapping[str, Any]) -> dict | None:
@@ -210,13 +251,20 @@ def _switch_off_dropout(stage: nn.Module) -> None:
 
 
 def prepare(config: TrainConfig) -> ModuleType:
-    """Load the generated file and check the config and world size, before any communication."""
+    """Load the generated file and check the config and world size, before any communication.
+
+    An asynchronous schedule is validated for 2p steps, not for the whole run: every stage then
+    passes its warm-up, steps in steady state and drains, the pattern a longer run repeats, at a
+    cost that does not grow with the run's length.
+    """
     generated = load_generated(config.model)
     check_config(config, generated.PIPELINE)
     n_stages = len(generated.PIPELINE["stages"])
     check_world_size(n_stages, int(os.environ.get("WORLD_SIZE", "1")))
     try:
-        schedule = SCHEDULES[config.schedule](n_stages, config.microbatches)
+        schedule = build_schedule(
+            config.schedule, n_stages, config.microbatches, 2 * n_stages, config.vertical_sync
+        )
         schedule.validate(stage_dependencies(generated.PIPELINE))
     except ScheduleError as error:
         raise RuntimeConfigError(str(error)) from None
@@ -243,26 +291,70 @@ def _build_executor(
     )
 
 
-def _input_parts(
-    data: DataSource, step: int, device: torch.device, n_microbatches: int
-) -> tuple[int, list[dict[str, torch.Tensor]]]:
-    """Rank 0: the step's batch size and its model inputs cut into microbatches."""
-    inputs = {name: value.to(device) for name, value in data.inputs(step).items()}
-    dims = {name: data.specs[name].get("batch_dim") for name in inputs}
-    return data.batch_size(inputs), split_microbatches(inputs, dims, n_microbatches)
+class RunData:
+    """The microbatches of a run: microbatch k is part k % m of step k // m's batch.
 
+    Rank 0 reads a step's inputs, and the last rank its labels, when one of its microbatches
+    first needs them, and keeps that one step's: an asynchronous run reaches the next step's
+    microbatches only after the last of this one's.
+    """
 
-def _label_parts(
-    data: DataSource, step: int, device: torch.device, batch: int, n_microbatches: int
-) -> list[torch.Tensor]:
-    """Last rank: the step's labels cut into microbatches, checked against the batch size."""
-    labels = data.labels(step).to(device)
-    dim = data.output.get("batch_dim") or 0
-    if labels.shape[dim] != batch:
-        raise RuntimeConfigError(
-            f"the inputs hold {batch} samples but the labels {labels.shape[dim]}"
-        )
-    return list(labels.tensor_split(n_microbatches, dim=dim))
+    def __init__(self, data: DataSource, device: torch.device, microbatches: int) -> None:
+        self.data = data
+        self.device = device
+        self.m = microbatches
+        self._inputs: tuple[int, list[dict[str, torch.Tensor]]] | None = None
+        self._labels: tuple[int, list[torch.Tensor]] | None = None
+
+    def batch_size(self, step: int) -> int:
+        """Samples in step ``step``'s batch."""
+        return self.data.step_batch_size(step)
+
+    def size_of(self, k: int) -> int:
+        """Samples in microbatch k."""
+        step, part = divmod(k, self.m)
+        return microbatch_sizes(self.batch_size(step), self.m)[part]
+
+    def share_of(self, k: int) -> float:
+        """Microbatch k's share of its step's batch."""
+        return self.size_of(k) / self.batch_size(k // self.m)
+
+    def inputs_for(self, k: int) -> dict[str, torch.Tensor]:
+        """Rank 0: the model inputs of microbatch k."""
+        step, part = divmod(k, self.m)
+        if self._inputs is None or self._inputs[0] != step:
+            self._inputs = step, self._input_parts(step)
+        return self._inputs[1][part]
+
+    def labels_for(self, k: int) -> torch.Tensor:
+        """Last rank: the labels of microbatch k."""
+        step, part = divmod(k, self.m)
+        if self._labels is None or self._labels[0] != step:
+            self._labels = step, self._label_parts(step)
+        return self._labels[1][part]
+
+    def _input_parts(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """The step's model inputs cut into microbatches, checked against its batch size."""
+        inputs = {name: value.to(self.device) for name, value in self.data.inputs(step).items()}
+        batch = self.batch_size(step)
+        if self.data.batch_size(inputs) != batch:
+            raise RuntimeConfigError(
+                f"step {step}: the inputs hold {self.data.batch_size(inputs)} samples, "
+                f"the data set's batch {batch}"
+            )
+        dims = {name: self.data.specs[name].get("batch_dim") for name in inputs}
+        return split_microbatches(inputs, dims, self.m)
+
+    def _label_parts(self, step: int) -> list[torch.Tensor]:
+        """The step's labels cut into microbatches, checked against its batch size."""
+        labels = self.data.labels(step).to(self.device)
+        dim = self.data.output.get("batch_dim") or 0
+        batch = self.batch_size(step)
+        if labels.shape[dim] != batch:
+            raise RuntimeConfigError(
+                f"the inputs hold {batch} samples but the labels {labels.shape[dim]}"
+            )
+        return list(labels.tensor_split(self.m, dim=dim))
 
 
 class Reporter:
@@ -314,6 +406,41 @@ class Reporter:
                 f"{rate:.1f} samples/s on average",
                 flush=True,
             )
+
+
+class StepLosses:
+    """Last rank: each step's loss, its microbatches' losses weighted by their share of the
+    batch, reported once every microbatch of the step has run its backward (in an asynchronous
+    run, while the next step's are already in flight)."""
+
+    def __init__(
+        self,
+        reporter: Reporter,
+        run_data: RunData,
+        optimizer: torch.optim.Optimizer,
+        since: float,
+    ) -> None:
+        self.reporter = reporter
+        self.run_data = run_data
+        self.optimizer = optimizer
+        self.since = since
+        self._sums: dict[int, float] = {}
+        self._counts: dict[int, int] = {}
+
+    def __call__(self, k: int, loss: float) -> None:
+        """Take microbatch k's loss; report its step if that was the step's last one, with the
+        learning rate the step's last update uses."""
+        step = k // self.run_data.m
+        self._sums[step] = self._sums.get(step, 0) + loss * self.run_data.share_of(k)
+        self._counts[step] = self._counts.get(step, 0) + 1
+        if self._counts[step] < self.run_data.m:
+            return
+        del self._counts[step]
+        now = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        batch = self.run_data.batch_size(step)
+        self.reporter.step(step, self._sums.pop(step), lr, batch, now - self.since)
+        self.since = now
 
 
 def _save_training_state(
@@ -368,6 +495,23 @@ def _resume(config: TrainConfig, executor: Executor, scheduler: Any) -> int:
     return state.step
 
 
+def _checkpoint_due(config: TrainConfig, steps_done: int, total: int) -> bool:
+    """Whether to save training state after ``steps_done`` steps: at the end of the run and
+    every ``--checkpoint_every`` steps, when there is a ``--checkpoint_dir``."""
+    every = config.checkpoint_every
+    due = steps_done == total or (every and steps_done % every == 0)
+    return bool(config.checkpoint_dir) and bool(due)
+
+
+def _loss_weight(schedule: Schedule, run_data: RunData) -> Callable[[int], float]:
+    """A microbatch's factor on its loss: its share of the batch where a step applies the
+    gradients of a whole batch, 1 where every microbatch is a minibatch of its own (an
+    asynchronous schedule that steps after every backward)."""
+    if schedule.microbatches_per_step == 1:
+        return lambda k: 1.0
+    return run_data.share_of
+
+
 def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> None:
     """Run the schedule for every step of the run on this rank; the process group must exist."""
     pipeline = generated.PIPELINE
@@ -375,37 +519,41 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
     executor = _build_executor(config, generated, rank, device)
     data = DataSource(config, pipeline)
     total = total_steps(config, data)
+    m = config.microbatches
+    schedule = build_schedule(config.schedule, n_stages, m, total, config.vertical_sync)
+    updates = optimizer_steps(schedule, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         executor.optimizer,
-        lambda step: lr_factor(config.lr_schedule, step, total, config.warmup_steps),
+        lambda step: lr_factor(config.lr_schedule, step, updates, config.warmup_steps),
     )
     torch.manual_seed(config.seed + rank)
     start = _resume(config, executor, scheduler) if config.resume else 0
     is_last = rank == n_stages - 1
     if rank == 0:
         print(f"data {data.description}; {total} steps", flush=True)
+    run_data = RunData(data, device, m)
+    feed = Feed(
+        size_of=run_data.size_of,
+        weight_of=_loss_weight(schedule, run_data),
+        inputs_for=run_data.inputs_for if rank == MODEL_INPUT_SOURCE else None,
+        labels_for=run_data.labels_for if is_last else None,
+    )
     reporter = Reporter(config, start, total, data.steps_per_epoch) if is_last else None
-    actions = SCHEDULES[config.schedule](n_stages, config.microbatches).actions[rank]
-    m = config.microbatches
     trace: list[TraceRecord] | None = [] if config.trace else None
     if trace is not None:
         dist.barrier()
     origin = time.perf_counter()
-    for step in range(start, total):
-        started = time.perf_counter()
-        batch, input_parts = (
-            _input_parts(data, step, device, m) if rank == MODEL_INPUT_SOURCE else (0, None)
-        )
-        batch = _broadcast_batch_size(batch, device)
-        label_parts = _label_parts(data, step, device, batch, m) if is_last else None
-        lr = executor.optimizer.param_groups[0]["lr"]
-        loss = executor.run(actions, batch, m, input_parts, label_parts, trace)
-        scheduler.step()
-        if reporter is not None:
-            reporter.step(step, loss, lr, batch, time.perf_counter() - started)
-        every = config.checkpoint_every
-        if config.checkpoint_dir and (step + 1 == total or (every and (step + 1) % every == 0)):
-            _save_training_state(config, generated, executor, scheduler, step + 1)
+    losses = StepLosses(reporter, run_data, executor.optimizer, origin) if reporter else None
+    actions = schedule.actions[rank]
+    if schedule.microbatches_per_step is None:
+        for step in range(start, total):
+            executor.run(actions, replace(feed, first=step * m), trace, losses, scheduler.step)
+            if _checkpoint_due(config, step + 1, total):
+                _save_training_state(config, generated, executor, scheduler, step + 1)
+    else:
+        executor.run(actions, feed, trace, losses, scheduler.step)
+        if _checkpoint_due(config, total, total):
+            _save_training_state(config, generated, executor, scheduler, total)
     if reporter is not None:
         reporter.close(total - start)
     if trace is not None:

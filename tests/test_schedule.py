@@ -10,14 +10,19 @@ import pytest
 from conftest import REPO
 
 from runtime.schedule import (
+    ASYNC_SCHEDULES,
+    SCHEDULE_NAMES,
     SCHEDULES,
     Action,
     Schedule,
     ScheduleError,
+    build_schedule,
     chain_dependencies,
     gpipe,
     one_f_one_b,
+    optimizer_steps,
     peak_in_flight,
+    pipedream,
     simulate,
     stage_dependencies,
     validate,
@@ -100,6 +105,27 @@ def test_one_f_one_b_with_fewer_microbatches_than_stages() -> None:
 def test_registry_and_names() -> None:
     assert SCHEDULES == {"gpipe": gpipe, "1f1b": one_f_one_b}
     assert [make(2, 3).name for make in SCHEDULES.values()] == ["gpipe", "1f1b"]
+    assert SCHEDULE_NAMES == ("gpipe", "1f1b", *ASYNC_SCHEDULES)
+    assert SCHEDULE_NAMES[2:] == ("pipedream", "stale", "2bw", "pipeoptim")
+
+
+def test_build_schedule_covers_a_batch_or_a_whole_run() -> None:
+    assert build_schedule("1f1b", 2, 3, steps=5) == one_f_one_b(2, 3)
+    assert optimizer_steps(gpipe(2, 3), 5) == 5
+    run = build_schedule("pipedream", 2, 3, steps=5)
+    assert run == pipedream(2, 15) and optimizer_steps(run, 5) == 15
+    assert build_schedule("pipedream", 2, 3, 5, vertical_sync=True).name == "pipedream-vs"
+    two_bw = build_schedule("2bw", 2, 3, steps=5)
+    assert (two_bw.n_microbatches, two_bw.microbatches_per_step) == (15, 3)
+    assert optimizer_steps(two_bw, 5) == 5
+    for name in ("stale", "pipeoptim"):
+        assert build_schedule(name, 2, 3, steps=5).n_microbatches == 15
+    with pytest.raises(ScheduleError, match="vertical sync is an option of pipedream, not of 2bw"):
+        build_schedule("2bw", 2, 3, 5, vertical_sync=True)
+    with pytest.raises(ScheduleError, match="unknown schedule 'zigzag'; choose from gpipe, 1f1b"):
+        build_schedule("zigzag", 2, 3)
+    with pytest.raises(ScheduleError, match="n_microbatches"):
+        build_schedule("stale", 2, 0, steps=5)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))

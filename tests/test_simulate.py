@@ -20,6 +20,8 @@ from runtime.schedule import (
     gpipe,
     one_f_one_b,
     peak_in_flight,
+    pipedream,
+    two_bw,
 )
 from runtime.simulate import (
     SimulationError,
@@ -188,14 +190,10 @@ def test_bad_costs_are_rejected() -> None:
         simulate_costs(gpipe(2, 2), chain_dependencies(2), [1.0, 1.0], [1.0, -1.0])
 
 
-def test_weight_versions_default_to_one_and_follow_the_schedule() -> None:
+def test_weight_versions_follow_the_schedule() -> None:
     assert weight_versions(one_f_one_b(3, 4)) == [1, 1, 1]
-
-    class Stashing(Schedule):
-        def weight_versions(self) -> list[int]:
-            return [self.n_stages - s for s in range(self.n_stages)]
-
-    assert weight_versions(Stashing("stash", 3, 1, one_f_one_b(3, 1).actions)) == [3, 2, 1]
+    assert weight_versions(pipedream(3, 6)) == [3, 2, 1]
+    assert weight_versions(two_bw(3, 6, 3)) == [2, 2, 2]
 
 
 def test_chrome_trace_has_one_complete_event_per_action() -> None:
@@ -281,10 +279,26 @@ def test_the_command_prints_the_figures_and_writes_the_pictures(
     assert sum(e["ph"] == "X" for e in json.loads(trace.read_text())["traceEvents"]) == 2 * 9
 
 
+def test_the_command_simulates_an_asynchronous_run(
+    generated: Path, capsys: pytest.CaptureFixture
+) -> None:
+    main(["--model", str(generated), "--schedule", "pipedream", "--microbatches", "2"])
+    out = capsys.readouterr().out
+    assert "schedule pipedream, p = 2, m = 2," in out
+    assert "predicted time per step:" in out and "(8 steps in " in out
+    table = out.split("versions\n")[1].splitlines()
+    assert [row.split()[-1] for row in table[:2]] == ["2", "1"]
+    assert "stage 0  F0@0 F1@0" in out
+    main(["--model", str(generated), "--schedule", "2bw", "--microbatches", "2", "--steps", "3"])
+    assert "(3 steps in " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--model", "no/such/file.py"], "no generated model file"),
+        (["--schedule", "2bw", "--microbatches", "1"], "2bw keeps two weight versions"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--schedule", "zigzag"], "invalid choice: 'zigzag'"),
         (["--microbatches", "0"], "--microbatches must be at least 1, got 0"),
         (["--bw", "-1"], "--bw must be positive"),
