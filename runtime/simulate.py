@@ -360,13 +360,15 @@ class PipelineCosts:
     bandwidth_gbps: float
     bandwidth_source: str
     batch_size: int | None
+    """The run's batch the costs are for (the file's unless another was given)."""
 
 
-def _value_bytes(spec: Mapping[str, Any], microbatches: int) -> float:
-    """Bytes of one microbatch's share of a value (the whole value if it has no batch dim)."""
+def _value_bytes(spec: Mapping[str, Any], share: float) -> float:
+    """Bytes of one microbatch's value: ``share`` of the traced value (the whole value if it
+    has no batch dim)."""
     numel = math.prod(spec["shape"])
     size = numel * getattr(torch, spec["dtype"]).itemsize
-    return size / microbatches if spec.get("batch_dim") is not None else float(size)
+    return size * share if spec.get("batch_dim") is not None else float(size)
 
 
 def _recorded_bandwidth(pipeline: Mapping[str, Any]) -> float | None:
@@ -409,14 +411,14 @@ def _stage_costs(pipeline: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return found
 
 
-def _link_bytes(pipeline: Mapping[str, Any], microbatches: int) -> dict[tuple[int, int], float]:
+def _link_bytes(pipeline: Mapping[str, Any], share: float) -> dict[tuple[int, int], float]:
     """Bytes per microbatch on each directed link, as the runtime sends them: every value to
     every stage that uses it, and a gradient back for each one that carries one."""
     specs = value_specs(pipeline)
     links: dict[tuple[int, int], float] = {}
     for transfer in transfers(pipeline):
         spec = specs[transfer.name]
-        nbytes = _value_bytes(spec, microbatches)
+        nbytes = _value_bytes(spec, share)
         forward = (transfer.src, transfer.dst)
         links[forward] = links.get(forward, 0.0) + nbytes
         if carries_gradient(spec):
@@ -425,30 +427,59 @@ def _link_bytes(pipeline: Mapping[str, Any], microbatches: int) -> dict[tuple[in
     return links
 
 
-def costs_from_pipeline(
-    pipeline: Mapping[str, Any], bandwidth_gbps: float | None = None, microbatches: int = 1
-) -> PipelineCosts:
-    """Per-microbatch costs from a generated file's ``PIPELINE``: the stage times recorded in
-    ``costs`` (for a whole batch) split ``microbatches`` ways, and each link's bytes (from the
-    value specs) over the bandwidth: ``bandwidth_gbps`` if given, else the one the file records,
-    else the compiler's default, 12 GB/s."""
+def microbatch_share(
+    pipeline: Mapping[str, Any], microbatches: int, batch_size: int | None = None
+) -> float:
+    """One microbatch's size over the batch the file was traced and profiled at: a run of
+    ``batch_size`` samples (default: the file's batch) cut into ``microbatches``."""
     if microbatches < 1:
         raise SimulationError(f"microbatches must be at least 1, got {microbatches}")
+    traced = pipeline.get("batch_size")
+    if batch_size is None or batch_size == traced:
+        return 1.0 / microbatches
+    if batch_size < microbatches:
+        raise SimulationError(f"a batch of {batch_size} cannot make {microbatches} microbatches")
+    if not traced:
+        raise SimulationError(
+            "the file does not record the batch size it was profiled at, so its costs cannot "
+            f"be scaled to a batch of {batch_size}: leave the batch size out"
+        )
+    return batch_size / microbatches / traced
+
+
+def costs_from_pipeline(
+    pipeline: Mapping[str, Any],
+    bandwidth_gbps: float | None = None,
+    microbatches: int = 1,
+    batch_size: int | None = None,
+) -> PipelineCosts:
+    """Per-microbatch costs from a generated file's ``PIPELINE``: the stage times recorded in
+    ``costs`` (for the batch the file was traced at) scaled to one microbatch of a run of
+    ``batch_size`` samples (default: the file's batch) in ``microbatches``, and each link's
+    bytes (from the value specs) over the bandwidth: ``bandwidth_gbps`` if given, else the one
+    the file records, else the compiler's default, 12 GB/s.
+
+    The scaling is linear in the samples. Small kernels on a CPU are not (fixed costs per
+    operation weigh more in a small batch), so the closest prediction comes from a file
+    profiled at the microbatch size itself (``-b`` of ``autopipe.partition`` = batch / m),
+    where the share is 1 and the profile is used as measured.
+    """
+    share = microbatch_share(pipeline, microbatches, batch_size)
     costs = _stage_costs(pipeline)
     bandwidth, source = _choose_bandwidth(pipeline, bandwidth_gbps)
-    links = _link_bytes(pipeline, microbatches)
+    links = _link_bytes(pipeline, share)
     specs = value_specs(pipeline)
     return PipelineCosts(
-        forward_ms=[c["forward_ms"] / microbatches for c in costs],
-        backward_ms=[c["backward_ms"] / microbatches for c in costs],
+        forward_ms=[c["forward_ms"] * share for c in costs],
+        backward_ms=[c["backward_ms"] * share for c in costs],
         comm_ms={link: nbytes / (bandwidth * 1e6) for link, nbytes in links.items()},
         input_bytes=[
-            sum(_value_bytes(specs[name], microbatches) for name in stage["inputs"])
+            sum(_value_bytes(specs[name], share) for name in stage["inputs"])
             for stage in pipeline["stages"]
         ],
         bandwidth_gbps=bandwidth,
         bandwidth_source=source,
-        batch_size=pipeline.get("batch_size"),
+        batch_size=pipeline.get("batch_size") if batch_size is None else batch_size,
     )
 
 
@@ -585,6 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULE_NAMES))
     parser.add_argument("--microbatches", type=int, default=4, help="microbatches per batch")
     parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="the run's batch size: the file's costs are scaled from the batch it was profiled "
+        "at to one microbatch of this one (default: the file's)",
+    )
+    parser.add_argument(
         "--steps",
         type=int,
         default=4,
@@ -607,6 +645,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag in ("microbatches", "steps"):
         if getattr(args, flag) < 1:
             raise SimulationError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SimulationError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.bw is not None and not args.bw > 0:
         raise SimulationError(f"--bw must be positive, got {args.bw}")
     if args.timeline and Path(args.timeline).suffix not in (".png", ".svg"):
@@ -699,7 +739,7 @@ def run(args: argparse.Namespace) -> str:
     """Simulate the file's costs under the schedule, write the pictures asked for, report."""
     _check_args(args)
     pipeline = load_generated(args.model).PIPELINE
-    costs = costs_from_pipeline(pipeline, args.bw, args.microbatches)
+    costs = costs_from_pipeline(pipeline, args.bw, args.microbatches, args.batch_size)
     dependencies = stage_dependencies(pipeline)
     n_stages = len(pipeline["stages"])
     schedule = build_schedule(args.schedule, n_stages, args.microbatches, args.steps)

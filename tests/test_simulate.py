@@ -247,6 +247,22 @@ def test_costs_come_from_the_files_costs_and_value_specs() -> None:
     assert costs_from_pipeline(pipeline, 48.0, 4).bandwidth_source == "given"
 
 
+def test_costs_scale_from_the_files_batch_to_the_runs_microbatch() -> None:
+    """A file traced at batch 8 run at batch 4 in 2 microbatches: each microbatch is a quarter
+    of the traced batch, in time and in bytes; the file's own batch gives the old split."""
+    pipeline = load_generated(GPT2).PIPELINE
+    assert pipeline["batch_size"] == 8
+    costs = costs_from_pipeline(pipeline, microbatches=2, batch_size=4)
+    quarter = costs_from_pipeline(pipeline, microbatches=4)
+    assert costs.forward_ms == pytest.approx(quarter.forward_ms)
+    assert costs.backward_ms == pytest.approx(quarter.backward_ms)
+    assert costs.comm_ms == pytest.approx(quarter.comm_ms)
+    assert costs.batch_size == 4 and quarter.batch_size == 8
+    assert costs_from_pipeline(pipeline, microbatches=4, batch_size=8) == quarter
+    with pytest.raises(SimulationError, match="a batch of 2 cannot make 4 microbatches"):
+        costs_from_pipeline(pipeline, microbatches=4, batch_size=2)
+
+
 def test_a_file_without_costs_is_a_clear_error() -> None:
     pipeline = load_generated(GPT2).PIPELINE
     stages = [{k: v for k, v in s.items() if k != "costs"} for s in pipeline["stages"]]

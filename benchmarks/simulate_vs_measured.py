@@ -1,0 +1,408 @@
+"""Predicted against measured time per batch: ``runtime.simulate`` next to the runtime, on the CPU.
+
+For each model, a generated file is written with a profile measured on this CPU
+(``autopipe.partition --profile measured --device cpu --no_recomputation``: the runtime does
+not recompute), then for each schedule:
+
+- predicted: the file's stage costs for one microbatch, simulated over ``--sim_steps`` batches
+  (a synchronous schedule's action lists run once per batch, an asynchronous one without a
+  flush), plus two costs the graph's profile leaves out and that are measured here in the same
+  way as the profile, with the same threads: the loss (forward and backward), which the last
+  stage computes in each backward, and each stage's optimizer step;
+- measured: ``torchrun --nproc_per_node P -m runtime --device cpu --trace`` (gloo) for
+  ``--steps`` batches.
+
+Both sides are read the same way: a batch ends when the last stage ends the backward of its
+last microbatch, and the time per batch is the median of the gaps between those ends, the
+first ``--warmup`` measured batches and the simulation's first and last left out.
+
+Microbatch size: by default the file is traced and profiled at the microbatch size (batch / m)
+and its costs used as measured. On a CPU a node's time is not linear in the batch (fixed costs
+per operation weigh more in a small batch), so a profile taken at the whole batch and divided
+by m predicts less than a microbatch takes; ``--profile_at batch`` shows by how much.
+
+Threads: every process, the profiling and these measurements included, gets
+``OMP_NUM_THREADS = max(1, cores // P)`` (``--threads`` overrides): a stage is profiled with the
+share of the machine it has when the P processes run side by side.
+
+    python benchmarks/simulate_vs_measured.py                      # gpt2_tiny, p = 2, m = 4
+    python benchmarks/simulate_vs_measured.py --models gpt2_tiny resnet_tiny --trace_dir tmp/tr
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch
+
+from autopipe.tasks import FAMILIES
+from runtime.comm import value_specs
+from runtime.schedule import (
+    ASYNC_SCHEDULES,
+    BACKWARD,
+    SCHEDULE_NAMES,
+    Schedule,
+    build_schedule,
+    stage_dependencies,
+)
+from runtime.simulate import Timeline, chrome_trace, costs_from_pipeline, simulate_costs
+from runtime.stage import load_generated
+from runtime.train import LOSSES
+
+PROG = "simulate_vs_measured"
+LOSS = "cross_entropy"
+LR = 0.01
+TARGET = 0.15
+TIMING_REPEATS = 20
+
+
+class BenchmarkError(Exception):
+    """A run that failed or flags that cannot work, with a one-line reason."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One schedule of one model: predicted and measured time per batch."""
+
+    model: str
+    schedule: str
+    p: int
+    m: int
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def error(self) -> float:
+        """The prediction's error relative to the measurement."""
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+
+def family_of(model: str) -> str:
+    """The zoo family (``vision``, ``nlp``) that holds ``model``."""
+    for family, models in FAMILIES.items():
+        if model in models:
+            return family
+    raise BenchmarkError(f"unknown model {model!r}; the zoo has {', '.join(_zoo())}")
+
+
+def _zoo() -> list[str]:
+    return [name for models in FAMILIES.values() for name in models]
+
+
+def run_quietly(command: list[str], threads: int, timeout: float, label: str) -> str:
+    """Run ``command`` from the repository with ``threads`` OpenMP threads; its stdout, or an
+    error naming its last line of output."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"{label} took over {timeout:.0f} s (raise --timeout)") from None
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        raise BenchmarkError(f"{label} failed: {lines[-1] if lines else 'no output'}")
+    return done.stdout
+
+
+def generate(model: str, args: argparse.Namespace, threads: int, folder: Path) -> Path:
+    """Write ``model`` as P stages, profiled on this CPU at the batch ``--profile_at`` says."""
+    batch = args.batch_size // args.microbatches
+    if args.profile_at == "batch":
+        batch = args.batch_size
+    path = folder / f"{model}_b{batch}_p{args.stages}.py"
+    command = [
+        *(sys.executable, "-m", "autopipe.partition", family_of(model), "--model", model),
+        *("-p", str(args.stages), "-b", str(batch), "-o", str(path)),
+        *("--profile", "measured", "--device", "cpu", "--no_recomputation"),
+        *("--overwrite_profiles_cache", "--no_analysis"),
+    ]
+    run_quietly(command, threads, args.timeout, f"partitioning {model}")
+    return path
+
+
+def median_ms(work: Callable[[], Any], prepare: Callable[[], Any] = lambda: None) -> float:
+    """The median time of ``work`` over repeated runs after two untimed ones, each after an
+    untimed ``prepare``."""
+    times = []
+    for repeat in range(TIMING_REPEATS + 2):
+        prepare()
+        start = time.perf_counter()
+        work()
+        if repeat >= 2:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def loss_ms(pipeline: dict[str, Any], microbatch: int) -> float:
+    """The loss's forward and backward on one microbatch of the first model output, as the last
+    stage runs them in each backward; the graph's profile stops at the model's outputs."""
+    spec = value_specs(pipeline)[pipeline["model_outputs"][0]]
+    shape = list(spec["shape"])
+    shape[spec.get("batch_dim") or 0] = microbatch
+    output = torch.randn(shape, requires_grad=True)
+    labels = torch.randint(0, shape[-1], shape[:-1])
+    return median_ms(lambda: LOSSES[LOSS](output, labels).backward())
+
+
+def step_ms(generated: ModuleType, index: int) -> float:
+    """Stage ``index``'s SGD step and gradient clearing, as the runtime's step runs them."""
+    stage = generated.build_stage(index)
+    parameters = [p for p in stage.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=LR)
+
+    def fill_gradients() -> None:
+        for parameter in parameters:
+            parameter.grad = torch.randn_like(parameter)
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return median_ms(step, fill_gradients)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """What one microbatch costs each stage in the simulation, and where the costs came from."""
+
+    forward_ms: list[float]
+    backward_ms: list[float]
+    step_ms: list[float]
+    comm_ms: dict[tuple[int, int], float]
+    loss_ms: float
+
+
+def stage_costs(path: Path, args: argparse.Namespace) -> StageCosts:
+    """The file's costs scaled to one microbatch of the run, the loss added to the last stage's
+    backward, and each stage's step."""
+    generated = load_generated(path)
+    pipeline = generated.PIPELINE
+    costs = costs_from_pipeline(pipeline, args.bw, args.microbatches, args.batch_size)
+    loss = loss_ms(pipeline, args.batch_size // args.microbatches)
+    backward = [*costs.backward_ms[:-1], costs.backward_ms[-1] + loss]
+    steps = [step_ms(generated, index) for index in range(len(pipeline["stages"]))]
+    return StageCosts(costs.forward_ms, backward, steps, costs.comm_ms, loss)
+
+
+def run_schedule(name: str, n_stages: int, m: int, batches: int) -> Schedule:
+    """``batches`` batches of ``name``: a synchronous schedule's lists repeated once per batch
+    (as the runtime runs them), an asynchronous one built for the whole run."""
+    if name in ASYNC_SCHEDULES:
+        return build_schedule(name, n_stages, m, batches)
+    one = build_schedule(name, n_stages, m)
+    actions = tuple(device * batches for device in one.actions)
+    return Schedule(name, n_stages, m, actions)
+
+
+def predict(path: Path, costs: StageCosts, name: str, args: argparse.Namespace) -> Timeline:
+    """The simulated run of ``--sim_steps`` batches of schedule ``name``."""
+    pipeline = load_generated(path).PIPELINE
+    n_stages = len(pipeline["stages"])
+    schedule = run_schedule(name, n_stages, args.microbatches, args.sim_steps)
+    return simulate_costs(
+        schedule,
+        stage_dependencies(pipeline),
+        costs.forward_ms,
+        costs.backward_ms,
+        costs.comm_ms,
+        costs.step_ms,
+    )
+
+
+def batch_gaps_ms(backward_ends_ms: Sequence[float], m: int) -> list[float]:
+    """Time per batch from the last stage's backward ends: the gaps between the ends of every
+    m-th one, each batch's last."""
+    ends = sorted(backward_ends_ms)[m - 1 :: m]
+    return [later - earlier for earlier, later in zip(ends, ends[1:])]
+
+
+def predicted_batch_ms(timeline: Timeline, m: int) -> float:
+    """Median time per batch of a simulated run, its first and last batch left out."""
+    last = timeline.schedule.n_stages - 1
+    ends = [
+        r.end_ms for r in timeline.records if r.action.kind == BACKWARD and r.action.stage == last
+    ]
+    gaps = batch_gaps_ms(ends, m)
+    return statistics.median(gaps[1:-1] or gaps)
+
+
+def measure(path: Path, name: str, args: argparse.Namespace, threads: int, trace: Path) -> float:
+    """Train ``--steps`` batches with the runtime; median time per batch after the warm-up."""
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        *("--nproc_per_node", str(args.stages), "-m", "runtime", "--model", str(path)),
+        *("--schedule", name, "--microbatches", str(args.microbatches)),
+        *("--batch_size", str(args.batch_size), "--steps", str(args.steps)),
+        *("--optimizer", "sgd", "--lr", str(LR), "--loss", LOSS, "--device", "cpu"),
+        *("--no_progress", "--trace", str(trace)),
+    ]
+    run_quietly(command, threads, args.timeout, f"the runtime with {name}")
+    events = json.loads(trace.read_text())["traceEvents"]
+    last = args.stages - 1
+    ends = [
+        (e["ts"] + e["dur"]) / 1e3
+        for e in events
+        if e["ph"] == "X" and e["cat"] == "backward" and e["tid"] == last
+    ]
+    gaps = batch_gaps_ms(ends, args.microbatches)[args.warmup : -1]
+    if not gaps:
+        raise BenchmarkError(f"{name}: no batches left after the {args.warmup} warm-up ones")
+    return statistics.median(gaps)
+
+
+def write_side_by_side(timeline: Timeline, measured: Path, destination: Path) -> None:
+    """One Chrome / Perfetto trace: the prediction as process 0, the measured run as 1."""
+    predicted = chrome_trace(timeline, pid=0, label=f"predicted: {timeline.schedule.name}")
+    events = json.loads(measured.read_text())["traceEvents"]
+    for event in events:
+        event["pid"] = 1
+    merged = {**predicted, "traceEvents": predicted["traceEvents"] + events}
+    destination.write_text(json.dumps(merged) + "\n")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flags that cannot make a run, before any work."""
+    for flag in ("stages", "microbatches", "batch_size", "steps", "sim_steps"):
+        if getattr(args, flag) < 1:
+            raise BenchmarkError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.batch_size % args.microbatches:
+        raise BenchmarkError(
+            f"--batch_size {args.batch_size} must be a multiple of --microbatches "
+            f"{args.microbatches}, so that the profiled microbatch is the run's"
+        )
+    if args.steps - args.warmup < 3:
+        raise BenchmarkError(f"--steps must leave at least 3 batches after --warmup {args.warmup}")
+    if args.sim_steps < 4:
+        raise BenchmarkError(f"--sim_steps must be at least 4, got {args.sim_steps}")
+    if "2bw" in args.schedules and args.microbatches < args.stages:
+        raise BenchmarkError("2bw needs --microbatches of at least --stages: drop 2bw or raise m")
+    for model in args.models:
+        family_of(model)
+
+
+def benchmark_model(model: str, args: argparse.Namespace, threads: int, scratch: Path) -> list[Row]:
+    """Generate and profile ``model``, then predict and measure every schedule."""
+    path = generate(model, args, threads, scratch)
+    costs = stage_costs(path, args)
+    shown = ", ".join(
+        f"stage {s}: F {f:.2f} B {b:.2f} S {st:.2f}"
+        for s, (f, b, st) in enumerate(zip(costs.forward_ms, costs.backward_ms, costs.step_ms))
+    )
+    print(f"{model}: per microbatch (ms) {shown}; loss {costs.loss_ms:.2f} in the last B")
+    rows = []
+    for name in args.schedules:
+        timeline = predict(path, costs, name, args)
+        trace = scratch / f"{model}_{name}.json"
+        measured = measure(path, name, args, threads, trace)
+        row = Row(
+            model,
+            name,
+            args.stages,
+            args.microbatches,
+            predicted_batch_ms(timeline, args.microbatches),
+            measured,
+        )
+        print_row(row)
+        rows.append(row)
+        if args.trace_dir and name == args.trace_schedule:
+            destination = Path(args.trace_dir) / f"{model}_{name}_p{args.stages}.json"
+            write_side_by_side(timeline, trace, destination)
+            print(f"  wrote {destination} (predicted: process 0, measured: process 1)")
+    return rows
+
+
+HEADER = (
+    f"{'model':<12} {'schedule':<10} {'p':>2} {'m':>3} {'predicted ms':>12} "
+    f"{'measured ms':>11} {'error':>7}"
+)
+
+
+def print_row(row: Row) -> None:
+    print(
+        f"{row.model:<12} {row.schedule:<10} {row.p:>2} {row.m:>3} {row.predicted_ms:>12.2f} "
+        f"{row.measured_ms:>11.2f} {row.error:>+7.1%}",
+        flush=True,
+    )
+
+
+def summary(rows: Sequence[Row]) -> str:
+    """The worst error and whether it meets the target."""
+    worst = max(rows, key=lambda row: abs(row.error))
+    verdict = "met" if abs(worst.error) <= TARGET else "missed"
+    return (
+        f"worst error {worst.error:+.1%} ({worst.model} {worst.schedule}); mean |error| "
+        f"{statistics.mean(abs(r.error) for r in rows):.1%}; target {TARGET:.0%}: {verdict}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.splitlines()[0], epilog="See the module docstring."
+    )
+    parser.add_argument("--models", nargs="+", default=["gpt2_tiny"], help="zoo models")
+    parser.add_argument("--schedules", nargs="+", choices=SCHEDULE_NAMES, default=SCHEDULE_NAMES)
+    parser.add_argument("-p", "--stages", type=int, default=2, help="stages, one process each")
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=12, help="batches the runtime trains")
+    parser.add_argument("--warmup", type=int, default=3, help="measured batches left out")
+    parser.add_argument("--sim_steps", type=int, default=8, help="batches simulated")
+    parser.add_argument(
+        "--profile_at",
+        choices=("microbatch", "batch"),
+        default="microbatch",
+        help="profile at batch / m and use the costs as measured (default), or at the batch "
+        "and divide by m",
+    )
+    parser.add_argument("--bw", type=float, default=None, help="link GB/s (default the file's)")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS (default cores // stages)")
+    parser.add_argument("--trace_dir", help="write predicted and measured traces side by side")
+    parser.add_argument("--trace_schedule", choices=SCHEDULE_NAMES, default="1f1b")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per subprocess")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    try:
+        check_args(args)
+        cores = len(os.sched_getaffinity(0))
+        threads = args.threads or max(1, cores // args.stages)
+        torch.set_num_threads(threads)
+        if args.trace_dir:
+            Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        print(
+            f"cpu, gloo: {cores} cores, OMP_NUM_THREADS={threads} per process; p = "
+            f"{args.stages}, m = {args.microbatches}, batch {args.batch_size}, profiled at "
+            f"the {args.profile_at}; {args.steps} batches trained, the first {args.warmup} left out",
+            flush=True,
+        )
+        print(HEADER)
+        rows = []
+        with tempfile.TemporaryDirectory(prefix=f"{PROG}_") as scratch:
+            for model in args.models:
+                rows += benchmark_model(model, args, threads, Path(scratch))
+    except BenchmarkError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()
