@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint_every", type=int, help="steps between checkpoints (default: only at the end)"
     )
     _flag(parser, "--resume", "go on from the latest checkpoint in --checkpoint_dir")
+    parser.add_argument(
+        "--snapshot_dir",
+        help="each rank writes its stage's weights to DIR/epoch_E/stage_R.pt at the end of "
+        "every epoch (needs --data)",
+    )
     parser.add_argument("--log_json", help="append one JSON line per step to this file")
     parser.add_argument(
         "--trace", help="write every action's measured times as a Chrome/Perfetto trace (JSON)"

@@ -3,7 +3,8 @@
 A synchronous schedule (gpipe, 1f1b) runs once per step, flushing the pipeline between steps.
 An asynchronous one (pipedream, stale, 2bw, pipeoptim) is one action list for the whole run, its
 microbatch k being part k % m of step k // m's batch, with steps inside it; it saves training
-state only at the end, once the pipeline has drained.
+state only at the end, once the pipeline has drained. ``--snapshot_dir`` weights are written by
+each rank on its own after the step that ends an epoch, so they need no drained pipeline.
 
 Rank 0 reads the model inputs, the last rank the labels; both draw the same samples from the
 same seeded order, so no rank needs the other's data, and every rank knows each step's batch
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -101,6 +103,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    snapshot_dir: str | None = None
     log_json: str | None = None
     trace: str | None = None
     no_progress: bool = False
@@ -173,6 +176,10 @@ def check_config(config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
         raise RuntimeConfigError("give --init_checkpoint or --random_init, not both")
     if (config.resume or config.checkpoint_every) and not config.checkpoint_dir:
         raise RuntimeConfigError("--resume and --checkpoint_every need --checkpoint_dir")
+    if config.snapshot_dir is not None and config.data == "synthetic":
+        raise RuntimeConfigError(
+            "--snapshot_dir saves at the end of every epoch, which needs a data set (--data)"
+        )
     if len(pipeline["model_outputs"]) < 1:
         raise RuntimeConfigError("the model has no outputs to compute a loss from")
     _check_schedule(config, len(pipeline["stages"]))
@@ -464,6 +471,56 @@ def _save_training_state(
         log.info("checkpoint of step %d in %s", step, config.checkpoint_dir)
 
 
+def snapshot_file(directory: str | Path, epoch: int, rank: int) -> Path:
+    """Where stage ``rank`` keeps its weights at the end of epoch ``epoch``."""
+    return Path(directory) / f"epoch_{epoch}" / f"stage_{rank}.pt"
+
+
+def _save_atomically(value: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it, so a reader never
+    finds half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(value, stream)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class EpochSnapshots:
+    """``--snapshot_dir``: this rank's weights (original keys, on the CPU) after the optimizer
+    step that ends each epoch, and after the last step of the run if that ends inside one.
+
+    Called after every optimizer step, it counts the microbatches whose gradients the stage
+    has applied; no rank waits for another, so in an asynchronous run each stage writes an
+    epoch's file when it, not the pipeline, is done with the epoch's last microbatch.
+    """
+
+    directory: str
+    stage: nn.Module
+    rank: int
+    per_step: int  # microbatches whose gradients one optimizer step applies
+    per_epoch: int  # microbatches in an epoch
+    total: int  # microbatches in the run
+    applied: int = 0  # microbatches applied so far (a resumed run's before it stopped)
+
+    def __call__(self) -> None:
+        self.applied += self.per_step
+        if self.applied % self.per_epoch == 0 or self.applied == self.total:
+            self.save((self.applied - 1) // self.per_epoch)
+
+    def save(self, epoch: int) -> None:
+        """Write this stage's current weights as epoch ``epoch``'s snapshot."""
+        weights = {key: value.detach().cpu() for key, value in self.stage.state_dict().items()}
+        path = snapshot_file(self.directory, epoch, self.rank)
+        _save_atomically(weights, path)
+        log.info("snapshot of epoch %d in %s", epoch, path)
+
+
 def _write_trace(
     config: TrainConfig, records: list[TraceRecord], origin: float, n_stages: int
 ) -> None:
@@ -512,6 +569,37 @@ def _loss_weight(schedule: Schedule, run_data: RunData) -> Callable[[int], float
     return run_data.share_of
 
 
+def _after_step(scheduler: Any, snapshots: EpochSnapshots | None) -> Callable[[], None]:
+    """What runs after every optimizer step: the learning-rate schedule's step and, with
+    ``--snapshot_dir``, the epoch snapshots."""
+    if snapshots is None:
+        return scheduler.step
+
+    def after_step() -> None:
+        scheduler.step()
+        snapshots()
+
+    return after_step
+
+
+def _snapshots(
+    config: TrainConfig, executor: Executor, schedule: Schedule, data: DataSource, steps: range
+) -> EpochSnapshots | None:
+    """The epoch snapshots of ``--snapshot_dir`` for a run of ``steps``; None without."""
+    if config.snapshot_dir is None:
+        return None
+    m = config.microbatches
+    return EpochSnapshots(
+        config.snapshot_dir,
+        executor.stage,
+        executor.rank,
+        per_step=schedule.microbatches_per_step or m,
+        per_epoch=data.steps_per_epoch * m,
+        total=steps.stop * m,
+        applied=steps.start * m,
+    )
+
+
 def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> None:
     """Run the schedule for every step of the run on this rank; the process group must exist."""
     pipeline = generated.PIPELINE
@@ -544,14 +632,16 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
         dist.barrier()
     origin = time.perf_counter()
     losses = StepLosses(reporter, run_data, executor.optimizer, origin) if reporter else None
+    snapshots = _snapshots(config, executor, schedule, data, range(start, total))
+    after_step = _after_step(scheduler, snapshots)
     actions = schedule.actions[rank]
     if schedule.microbatches_per_step is None:
         for step in range(start, total):
-            executor.run(actions, replace(feed, first=step * m), trace, losses, scheduler.step)
+            executor.run(actions, replace(feed, first=step * m), trace, losses, after_step)
             if _checkpoint_due(config, step + 1, total):
                 _save_training_state(config, generated, executor, scheduler, step + 1)
     else:
-        executor.run(actions, feed, trace, losses, scheduler.step)
+        executor.run(actions, feed, trace, losses, after_step)
         if _checkpoint_due(config, total, total):
             _save_training_state(config, generated, executor, scheduler, total)
     if reporter is not None:

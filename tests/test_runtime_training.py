@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import autopipe
 from autopipe.partition import main as partition_main
 from autopipe.tasks import zoo_task
 from conftest import REPO, TORCHRUN_TIMEOUT_S, launch
+from runtime.stage import load_generated
 from runtime.train import lr_factor
 
 
@@ -179,11 +181,43 @@ def test_digits_epochs_and_json_log(tmp_path: Path) -> None:
     assert records[-1]["lr"] < records[0]["lr"] == pytest.approx(0.1)
 
 
+def _snapshot(folder: Path, epoch: int, generated: ModuleType) -> dict:
+    """Epoch ``epoch``'s stage snapshots merged into one state dict for the original model."""
+    stages = range(len(generated.PIPELINE["stages"]))
+    parts = [torch.load(folder / f"epoch_{epoch}" / f"stage_{s}.pt") for s in stages]
+    return generated.merge_state_dicts(parts)
+
+
+def test_epoch_snapshots_merge_into_the_model_and_end_at_the_trained_weights(
+    tmp_path: Path,
+) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    )
+    generated = tmp_path / "digits.py"
+    autopipe.compile(model, (torch.randn(4, 1, 8, 8),), n_stages=2, output=generated)
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    flags = ["--model", str(generated), "--data", "digits", "--epochs", "2", "--batch_size",
+             "512", "--lr", "0.1", "--init_checkpoint", str(tmp_path / "init.pt")]  # fmt: skip
+    _ok(launch(2, *flags, "--snapshot_dir", str(tmp_path / "1f1b"),
+               "--save_checkpoint", str(tmp_path / "trained.pt")))  # fmt: skip
+    module = load_generated(generated)
+    assert sorted(path.name for path in (tmp_path / "1f1b").iterdir()) == ["epoch_0", "epoch_1"]
+    first, last = (_snapshot(tmp_path / "1f1b", epoch, module) for epoch in (0, 1))
+    model.load_state_dict(first, strict=True)
+    _assert_same(last, torch.load(tmp_path / "trained.pt"))
+    assert not torch.equal(first["3.weight"], last["3.weight"])
+    _ok(launch(2, *flags, "--schedule", "pipedream", "--snapshot_dir", str(tmp_path / "pd")))
+    for epoch in (0, 1):
+        model.load_state_dict(_snapshot(tmp_path / "pd", epoch, module), strict=True)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--steps", "2", "--epochs", "1"], "not both"),
         (["--epochs", "1"], "synthetic data has no epochs"),
+        (["--snapshot_dir", "snapshots"], "needs a data set"),
         (["--resume"], "need --checkpoint_dir"),
         (["--data", "cifar10:/no/such/dir"], "cifar10"),
         (["--lr_schedule", "exponential"], "invalid choice"),
