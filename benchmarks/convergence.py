@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +44,7 @@ sys.path.insert(0, str(REPO))
 import torch
 from torch import nn
 
+from launch import BenchmarkError, run_measured
 import autopipe
 from runtime.data import DataSource
 from runtime.stage import load_generated
@@ -89,10 +87,6 @@ class Outcome:
     accuracy: list[float]
     train_loss: float
     seconds: float
-
-
-class BenchmarkError(Exception):
-    """A run that failed or flags that cannot work, with a one-line reason."""
 
 
 class DigitsCNN(nn.Module):
@@ -174,28 +168,9 @@ def runtime_command(args: argparse.Namespace, run: Run, model: Path, folder: Pat
 
 
 def train(command: list[str], label: str, timeout: float) -> float:
-    """Run one training in its own process group, one thread per process; its seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """Run one training, one thread per process; its seconds."""
     started = time.perf_counter()
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise BenchmarkError(f"{label} took over {timeout:.0f} s (raise --timeout)") from None
-    if process.returncode != 0:
-        lines = stderr.strip().splitlines() or ["no output"]
-        reason = next((line for line in lines if line.startswith("runtime: error:")), lines[-1])
-        raise BenchmarkError(f"{label} failed (exit {process.returncode}): {reason}")
+    run_measured(label, command, 1, timeout)
     return time.perf_counter() - started
 
 

@@ -40,9 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from launch import BenchmarkError, run_measured
 from runtime.comm import value_specs
 from runtime.executor import reduce_tied_gradients, synchronize_tied, tied_groups
 from runtime.stage import RuntimeConfigError, backend_for, load_generated
@@ -69,12 +68,7 @@ from runtime.train import LOSSES, OPTIMIZERS, TrainConfig
 PROG = "runtime_throughput"
 LOSS = "cross_entropy"
 STEP_LINE = re.compile(r"^step (\d+)\b.* loss (\S+)\b.* samples/s (\S+)")
-ERROR_LINE = re.compile(r"(runtime: error: .*|\b\w*(Error|Exception): .*)")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class BenchmarkError(Exception):
-    """A run that failed, with a one-line reason."""
 
 
 class UsageError(BenchmarkError):
@@ -325,42 +319,6 @@ def commands(args: argparse.Namespace, n_stages: int) -> dict[str, list[str]]:
     }
 
 
-def failure_reason(output: str) -> str:
-    """The worker's own error line if there is one, else the last line it wrote."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    found = [m.group(1) for line in lines if (m := ERROR_LINE.search(line))]
-    worker_errors = [line for line in found if "ChildFailedError" not in line]
-    if worker_errors:
-        return worker_errors[0]
-    return lines[-1] if lines else "no output"
-
-
-def run_measurement(
-    label: str, command: list[str], threads: int, timeout: float
-) -> subprocess.CompletedProcess:
-    """Run one measurement in its own process group; kill the whole group on timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise BenchmarkError(f"{label} took over {timeout:.0f} s (raise --timeout)") from None
-    if process.returncode != 0:
-        reason = failure_reason(stderr or stdout)
-        raise BenchmarkError(f"{label} failed (exit {process.returncode}): {reason}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
 def figures(label: str, stdout: str, batch: int, warmup: int) -> Figures:
     """Samples over total time of the steps after ``warmup``, from the printed step lines."""
     steps = [
@@ -445,7 +403,7 @@ def benchmark(args: argparse.Namespace) -> None:
         args.init_checkpoint = str(Path(scratch) / "initial_weights.pt")
         write_initial_weights(generated, args.seed, Path(args.init_checkpoint))
         for label, command in commands(args, n_stages).items():
-            done = run_measurement(label, command, threads, args.timeout)
+            done = run_measured(label, command, threads, args.timeout)
             rows.append(figures(label, done.stdout, args.batch_size, args.warmup))
     single, ours, theirs = rows
     print()

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
+from launch import BenchmarkError, run_measured
 from autopipe.tasks import FAMILIES
 from runtime.comm import value_specs
 from runtime.schedule import (
@@ -69,10 +69,6 @@ LOSS = "cross_entropy"
 LR = 0.01
 TARGET = 0.15
 TIMING_REPEATS = 20
-
-
-class BenchmarkError(Exception):
-    """A run that failed or flags that cannot work, with a one-line reason."""
 
 
 @dataclass(frozen=True)
@@ -105,19 +101,8 @@ def _zoo() -> list[str]:
 
 
 def run_quietly(command: list[str], threads: int, timeout: float, label: str) -> str:
-    """Run ``command`` from the repository with ``threads`` OpenMP threads; its stdout, or an
-    error naming its last line of output."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    try:
-        done = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        raise BenchmarkError(f"{label} took over {timeout:.0f} s (raise --timeout)") from None
-    if done.returncode != 0:
-        lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-        raise BenchmarkError(f"{label} failed: {lines[-1] if lines else 'no output'}")
-    return done.stdout
+    """Run ``command`` from the repository with ``threads`` OpenMP threads; its stdout."""
+    return run_measured(label, command, threads, timeout).stdout
 
 
 def generate(model: str, args: argparse.Namespace, threads: int, folder: Path) -> Path:
