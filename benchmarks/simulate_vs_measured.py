@@ -60,7 +60,13 @@ from runtime.schedule import (
     build_schedule,
     stage_dependencies,
 )
-from runtime.simulate import Timeline, chrome_trace, costs_from_pipeline, simulate_costs
+from runtime.simulate import (
+    Timeline,
+    chrome_trace,
+    costs_from_pipeline,
+    simulate_costs,
+    tied_stage_groups,
+)
 from runtime.stage import load_generated
 from runtime.train import LOSSES
 
@@ -207,6 +213,7 @@ def predict(path: Path, costs: StageCosts, name: str, args: argparse.Namespace) 
         costs.backward_ms,
         costs.comm_ms,
         costs.step_ms,
+        tied_stages=tied_stage_groups(pipeline),
     )
 
 

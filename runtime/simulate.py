@@ -20,6 +20,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,13 +286,16 @@ def simulate_costs(
     comm_ms: CommCosts = 0.0,
     step_ms: Sequence[float] | None = None,
     activation_bytes: Sequence[float] | None = None,
+    tied_stages: Sequence[AbstractSet[int]] = (),
 ) -> Timeline:
     """Run ``schedule`` with per-stage times for one microbatch (ms) and transfer times.
 
     A forward waits for its producers' forwards of the same microbatch plus the transfer, a
     backward for its own forward and its consumers' backwards plus the gradients' transfer, a
     step for the backwards of its stage before it. Transfers overlap computation (sends are
-    asynchronous); only the receiver waits. Raises :class:`ScheduleError` on a deadlock.
+    asynchronous); only the receiver waits. Stages that hold copies of one tied weight sum its
+    gradient before every step, so each group in ``tied_stages`` starts its k-th steps together,
+    when the last of them gets there. Raises :class:`ScheduleError` on a deadlock.
     """
     n = schedule.n_stages
     _check_dependencies(dependencies, n)
@@ -312,6 +316,7 @@ def simulate_costs(
     position = [0] * len(keys)
     free = [0.0] * len(keys)
     timed: dict[tuple[int, int], TimedAction] = {}
+    barrier = _StepBarrier(tied_stages)
     moved = True
     while moved:
         moved = False
@@ -321,7 +326,9 @@ def simulate_costs(
                 ready = _ready_ms(key, needs[key], end, comm)
                 if ready is None:
                     break
-                start = max(free[device], ready)
+                start = barrier.start(key, max(free[device], ready))
+                if start is None:
+                    break
                 free[device] = end[key] = start + durations[key[0].kind][key[0].stage]
                 timed[(device, position[device])] = TimedAction(key[0], device, start, end[key])
                 position[device] += 1
@@ -329,6 +336,26 @@ def simulate_costs(
     if any(p < len(k) for p, k in zip(position, keys)):
         raise ScheduleError(_deadlock_message(keys, position, needs, end))
     return Timeline(schedule, tuple(timed[k] for k in sorted(timed)), held)
+
+
+class _StepBarrier:
+    """The k-th steps of stages that share a tied weight start together: each stage arrives
+    when it is free and its backwards are done, and all start when the last has arrived."""
+
+    def __init__(self, tied_stages: Sequence[AbstractSet[int]]) -> None:
+        self.group_of = {stage: frozenset(group) for group in tied_stages for stage in group}
+        self.arrived: dict[tuple[frozenset[int], int, int], float] = {}
+
+    def start(self, key: Key, arrival: float) -> float | None:
+        """When ``key`` may start, given it could at ``arrival``; None while its group waits."""
+        action, occurrence = key
+        group = self.group_of.get(action.stage)
+        if action.kind != STEP or group is None:
+            return arrival
+        nth = occurrence + (action.version or 0)  # asynchronous steps are told apart by version
+        self.arrived[(group, nth, action.stage)] = arrival
+        times = [self.arrived.get((group, nth, stage)) for stage in sorted(group)]
+        return None if any(t is None for t in times) else max(times)
 
 
 def _ready_ms(
@@ -361,6 +388,8 @@ class PipelineCosts:
     bandwidth_source: str
     batch_size: int | None
     """The run's batch the costs are for (the file's unless another was given)."""
+    tied_stages: tuple[frozenset[int], ...] = ()
+    """Groups of stages holding copies of one tied weight (their steps wait for each other)."""
 
 
 def _value_bytes(spec: Mapping[str, Any], share: float) -> float:
@@ -480,7 +509,16 @@ def costs_from_pipeline(
         bandwidth_gbps=bandwidth,
         bandwidth_source=source,
         batch_size=pipeline.get("batch_size") if batch_size is None else batch_size,
+        tied_stages=tied_stage_groups(pipeline),
     )
+
+
+def tied_stage_groups(pipeline: Mapping[str, Any]) -> tuple[frozenset[int], ...]:
+    """The stages of each tied weight held by more than one stage, from ``PIPELINE``."""
+    groups = {
+        frozenset(stage for stage, _ in members) for members in pipeline.get("tied_parameters", [])
+    }
+    return tuple(sorted((g for g in groups if len(g) > 1), key=sorted))
 
 
 def _as_record(item: Any) -> Record:
@@ -750,6 +788,7 @@ def run(args: argparse.Namespace) -> str:
         costs.backward_ms,
         costs.comm_ms,
         activation_bytes=costs.input_bytes,
+        tied_stages=costs.tied_stages,
     )
     written = []
     if args.timeline:

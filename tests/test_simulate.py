@@ -16,6 +16,7 @@ from runtime.schedule import (
     Action,
     Schedule,
     ScheduleError,
+    build_schedule,
     chain_dependencies,
     gpipe,
     one_f_one_b,
@@ -25,11 +26,13 @@ from runtime.schedule import (
 )
 from runtime.simulate import (
     SimulationError,
+    Timeline,
     chrome_trace,
     costs_from_pipeline,
     draw_timeline,
     main,
     simulate_costs,
+    tied_stage_groups,
     weight_versions,
 )
 from runtime.stage import load_generated
@@ -330,3 +333,28 @@ def test_user_errors_exit_with_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("runtime.simulate: error:") and message in err
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "pipedream"])
+def test_stages_sharing_a_tied_weight_step_together(schedule: str) -> None:
+    """Stage 0 is slow and stage 2 fast; tied, their k-th steps start at the same time, and
+    an untied middle stage is not held back."""
+    built = build_schedule(schedule, 3, 4, 2)
+    deps = {0: set(), 1: {0}, 2: {1}}
+    times = dict(forward_ms=[3.0, 1.0, 1.0], backward_ms=[6.0, 2.0, 2.0], step_ms=[0.5] * 3)
+    free = simulate_costs(built, deps, **times)
+    tied = simulate_costs(built, deps, **times, tied_stages=[{0, 2}])
+
+    def steps(timeline: Timeline, stage: int) -> list[float]:
+        return [t.start_ms for t in timeline.records if t.action.kind == "S" and t.device == stage]
+
+    assert steps(tied, 0) == steps(tied, 2)
+    assert steps(free, 0) != steps(free, 2)
+    assert tied.makespan_ms >= free.makespan_ms
+
+
+def test_tied_stage_groups_come_from_the_pipeline() -> None:
+    pipeline = {
+        "tied_parameters": [[[0, "wte.weight"], [3, "lm_head.weight"]], [[1, "a"], [1, "b"]]]
+    }
+    assert tied_stage_groups(pipeline) == (frozenset({0, 3}),)
