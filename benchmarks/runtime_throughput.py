@@ -61,14 +61,13 @@ from torch import nn
 from launch import BenchmarkError, run_measured
 from runtime.comm import value_specs
 from runtime.executor import reduce_tied_gradients, synchronize_tied, tied_groups
-from runtime.stage import RuntimeConfigError, backend_for, load_generated
+from runtime.stage import DEVICES, RuntimeConfigError, backend_for, load_generated
 from runtime.data import DataSource
 from runtime.train import LOSSES, OPTIMIZERS, TrainConfig
 
 PROG = "runtime_throughput"
 LOSS = "cross_entropy"
 STEP_LINE = re.compile(r"^step (\d+)\b.* loss (\S+)\b.* samples/s (\S+)")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class UsageError(BenchmarkError):

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from runtime.comm import value_specs
 from runtime.stage import RuntimeConfigError
 
-TENSORS_PREFIX = "tensors:"
 SPLITS = ("train", "test")
 FORMS_HELP = "synthetic, digits, tensors:PATH, cifar10:DIR, cifar100:DIR or text:PATH"
 # each form, and whether a path follows its colon
