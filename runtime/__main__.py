@@ -6,6 +6,9 @@
 ``--schedule pipedream`` (with ``--vertical_sync``), ``stale``, ``2bw`` or ``pipeoptim`` trains
 asynchronously: one pipeline for the whole run, weight versions per microbatch.
 
+A file whose stages have replicas (``autopipe.partition --stage_to_num_ranks`` or
+``--replication``) runs each replica on a rank of its own; ``--dp N`` runs N copies of the plan.
+
 ``--config FILE.json`` gives defaults that the flags override. User errors print one line,
 ``runtime: error: ...``, and exit with status 2 on every rank. A rank that crashes prints its
 traceback and ``runtime: error: rank R failed: ...`` and exits with status 1; torchrun then stops
@@ -52,7 +55,8 @@ def _flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The flags; every default comes from :class:`TrainConfig` or the JSON config."""
     parser = OneLineParser(
-        prog=PROG, description="Train a generated pipeline, one process per stage."
+        prog=PROG,
+        description="Train a generated pipeline, one process per stage (or stage replica).",
     )
     parser.add_argument("--config", help="JSON file of defaults; flags override them")
     parser.add_argument("--model", help="generated file, e.g. generated_models/X.py")
@@ -63,7 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         "asynchronously (default 1f1b)",
     )
     _flag(parser, "--vertical_sync", "pipedream: every stage uses the version stage 0 chose")
-    parser.add_argument("--microbatches", type=int)
+    parser.add_argument(
+        "--microbatches",
+        type=int,
+        help="microbatches per batch and pipeline copy (default 4); replicas of a stage take "
+        "turns with them",
+    )
+    parser.add_argument(
+        "--dp",
+        type=int,
+        help="run N copies of the pipeline, each on 1/N of every batch, gradients summed per "
+        "stage (world size: the plan's ranks x N; default 1)",
+    )
     parser.add_argument("--batch_size", type=int)
     parser.add_argument("--steps", type=int, help=f"steps to train (default {DEFAULT_STEPS})")
     parser.add_argument("--epochs", type=int, help="passes over the data set, instead of --steps")

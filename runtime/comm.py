@@ -10,7 +10,9 @@ Each direction between two stages is a channel of its own, a two-rank process gr
 from ``src`` to ``dst`` on one, their gradients come back on another. Both ends put messages on a
 channel in the same order (schedule order, then PIPELINE order), so every channel is a FIFO with
 one sender and one receiver (on gloo, whose sends never wait, all channels share the default
-group). Sends are asynchronous and kept until
+group). Where a stage has replicas (:mod:`runtime.layout`), channels join ranks, not stages: a
+microbatch's values go from the rank that runs it on one stage to the rank that runs it on the
+next. Sends are asynchronous and kept until
 :meth:`StageComm.wait_sends`; a receive blocks only its own rank. With NCCL, where a send does
 not complete until its receive is posted, a pending send therefore holds up only later sends on
 its own channel, never a receive or another channel, and a schedule that is deadlock-free when
@@ -25,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from runtime.layout import Layout
 
 MODEL_INPUT_SOURCE = 0
 
@@ -79,11 +83,12 @@ FORWARD_CHANNEL, BACKWARD_CHANNEL = "values", "gradients"
 
 
 def make_channels(
-    pipeline: Mapping[str, Any], separate: bool = True
+    pipeline: Mapping[str, Any], layout: Layout, separate: bool = True
 ) -> dict[tuple[int, int, str], Any]:
-    """One two-rank process group per direction between stages that exchange values: values
+    """One two-rank process group per direction between ranks that exchange values: values
     from src to dst, and gradients back where any of them carries one. Every rank must call
-    this in the same order (``new_group`` is collective); the map is keyed (src, dst, kind).
+    this in the same order (``new_group`` is collective); the map is keyed by ranks
+    (src, dst, kind).
 
     With ``separate=False`` every channel is the default group (None): right for gloo, whose
     sends never wait for their receives, and faster there than a group, with its own
@@ -91,8 +96,8 @@ def make_channels(
     specs = value_specs(pipeline)
     pairs: dict[tuple[int, int], bool] = {}
     for t in transfers(pipeline):
-        key = (t.src, t.dst)
-        pairs[key] = pairs.get(key, False) or carries_gradient(specs[t.name])
+        for key in layout.rank_pairs(t.src, t.dst):
+            pairs[key] = pairs.get(key, False) or carries_gradient(specs[t.name])
     channels: dict[tuple[int, int, str], Any] = {}
     for (src, dst), with_gradients in sorted(pairs.items()):
         kinds = (FORWARD_CHANNEL, BACKWARD_CHANNEL) if with_gradients else (FORWARD_CHANNEL,)
@@ -109,16 +114,19 @@ class StageComm:
     def __init__(
         self,
         pipeline: Mapping[str, Any],
+        layout: Layout,
         rank: int,
         device: torch.device,
         channels: Mapping[tuple[int, int, str], Any],
     ) -> None:
         self.rank = rank
+        self.layout = layout
         self.device = device
         self.specs = value_specs(pipeline)
+        stage = layout.role(rank).stage
         every = transfers(pipeline)
-        self.incoming = [t for t in every if t.dst == rank]
-        self.outgoing = [t for t in every if t.src == rank]
+        self.incoming = [t for t in every if t.dst == stage]
+        self.outgoing = [t for t in every if t.src == stage]
         self.channels = channels
         # posted sends, each with its tensor, kept alive until they complete
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
@@ -144,31 +152,35 @@ class StageComm:
             (work, tensor) for work, tensor in self._pending if not work.is_completed()
         ]
 
-    def receive_values(self, batch: int) -> dict[str, torch.Tensor]:
-        """This stage's inputs from other stages for a microbatch of ``batch`` samples."""
+    def _peer(self, stage: int, microbatch: int) -> int:
+        """The rank that runs ``microbatch`` on ``stage``."""
+        return self.layout.rank_of(stage, microbatch)
+
+    def receive_values(self, microbatch: int, batch: int) -> dict[str, torch.Tensor]:
+        """This stage's inputs from other stages for ``microbatch``, of ``batch`` samples."""
         received: dict[str, torch.Tensor] = {}
         receives = []
         for t in self.incoming:
             received[t.name] = buffer_for(self.specs[t.name], batch, self.device)
-            channel = self.channels[(t.src, t.dst, FORWARD_CHANNEL)]
-            receives.append((received[t.name], t.src, channel, t.tag))
+            src = self._peer(t.src, microbatch)
+            channel = self.channels[(src, self.rank, FORWARD_CHANNEL)]
+            receives.append((received[t.name], src, channel, t.tag))
         self._wait_receives(receives)
         return received
 
-    def send_values(self, values: Mapping[str, torch.Tensor]) -> None:
-        """Send each value this stage produces (or, on rank 0, reads) to every consumer."""
-        sends = [
-            (
-                values[t.name].detach().contiguous(),
-                t.dst,
-                self.channels[(t.src, t.dst, FORWARD_CHANNEL)],
-                t.tag,
-            )
-            for t in self.outgoing
-        ]
+    def send_values(self, microbatch: int, values: Mapping[str, torch.Tensor]) -> None:
+        """Send each value of ``microbatch`` this stage produces (or, on the first stage,
+        reads) to every consumer."""
+        sends = []
+        for t in self.outgoing:
+            dst = self._peer(t.dst, microbatch)
+            channel = self.channels[(self.rank, dst, FORWARD_CHANNEL)]
+            sends.append((values[t.name].detach().contiguous(), dst, channel, t.tag))
         self._post_sends(sends)
 
-    def receive_gradients(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def receive_gradients(
+        self, microbatch: int, outputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Gradients of this stage's outputs, summed over the stages that consume them."""
         receives = []
         parts: list[tuple[str, torch.Tensor]] = []
@@ -176,23 +188,25 @@ class StageComm:
             if t.name in outputs and carries_gradient(self.specs[t.name]):
                 buffer = torch.empty_like(outputs[t.name], memory_format=torch.contiguous_format)
                 parts.append((t.name, buffer))
-                channel = self.channels[(t.src, t.dst, BACKWARD_CHANNEL)]
-                receives.append((buffer, t.dst, channel, t.tag))
+                dst = self._peer(t.dst, microbatch)
+                channel = self.channels[(self.rank, dst, BACKWARD_CHANNEL)]
+                receives.append((buffer, dst, channel, t.tag))
         self._wait_receives(receives)
         grads: dict[str, torch.Tensor] = {}
         for name, grad in parts:
             grads[name] = grads[name] + grad if name in grads else grad
         return grads
 
-    def send_gradients(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        """Send the gradient of each received input back to the stage that sent it."""
+    def send_gradients(self, microbatch: int, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Send the gradient of each received input back to the rank that sent it."""
         sends = []
         for t in self.incoming:
             if carries_gradient(self.specs[t.name]):
                 value = inputs[t.name]
                 grad = torch.zeros_like(value) if value.grad is None else value.grad
-                channel = self.channels[(t.src, t.dst, BACKWARD_CHANNEL)]
-                sends.append((grad.contiguous(), t.src, channel, t.tag))
+                src = self._peer(t.src, microbatch)
+                channel = self.channels[(src, self.rank, BACKWARD_CHANNEL)]
+                sends.append((grad.contiguous(), src, channel, t.tag))
         self._post_sends(sends)
 
     def wait_sends(self) -> None:

@@ -24,7 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 from runtime.comm import StageComm
-from runtime.schedule import BACKWARD, FORWARD, STEP, Action
+from runtime.layout import Layout
+from runtime.replicas import StageReplica
+from runtime.schedule import BACKWARD, FORWARD, STEP, Action, last_backwards
 from runtime.weights import VersionStore, versions_to_keep
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,11 +75,16 @@ class TraceRecord:
 
 @dataclass(frozen=True)
 class TiedGroup:
-    """This stage's copies of one tied parameter, and the group of stages that hold a copy."""
+    """This stage's copies of one tied parameter, and the group of ranks that hold a copy.
+
+    ``share`` is this rank's factor on its copies' gradient before the sum over the group: one
+    over its stage's replicas, which all hold that stage's whole gradient once they have summed
+    theirs."""
 
     parameters: tuple[nn.Parameter, ...]
     ranks: tuple[int, ...]
     group: Any
+    share: float = 1.0
 
 
 def microbatch_sizes(batch: int, n_microbatches: int) -> list[int]:
@@ -102,20 +109,26 @@ def split_microbatches(
     return parts
 
 
-def tied_groups(pipeline: Mapping[str, Any], rank: int, stage: nn.Module) -> list[TiedGroup]:
-    """One process group per tied parameter held by several stages, made in the same order on
-    every rank (``new_group`` is collective); only the groups holding this rank are returned."""
+def tied_groups(
+    pipeline: Mapping[str, Any], layout: Layout, rank: int, stage: nn.Module
+) -> list[TiedGroup]:
+    """One process group per tied parameter held by several stages, over every rank of those
+    stages, made in the same order on every rank (``new_group`` is collective); only the groups
+    holding this rank are returned."""
     named = dict(stage.named_parameters(remove_duplicate=False))
+    mine = layout.role(rank).stage
     groups = []
     for members in pipeline.get("tied_parameters", []):
-        ranks = tuple(sorted({member_stage for member_stage, _ in members}))
-        if len(ranks) < 2:
+        stages = sorted({member_stage for member_stage, _ in members})
+        if len(stages) < 2:
             continue
+        ranks = tuple(r for s in stages for r in layout.ranks_of(s))
         group = dist.new_group(ranks=list(ranks))
         if rank not in ranks:
             continue
-        unique = {id(named[key]): named[key] for s, key in members if s == rank}
-        groups.append(TiedGroup(tuple(unique.values()), ranks, group))
+        unique = {id(named[key]): named[key] for s, key in members if s == mine}
+        share = 1.0 / layout.replicas[mine]
+        groups.append(TiedGroup(tuple(unique.values()), ranks, group, share))
     return groups
 
 
@@ -134,6 +147,8 @@ def reduce_tied_gradients(groups: Sequence[TiedGroup]) -> None:
     for tied in groups:
         local = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tied.parameters]
         total = torch.stack(local).sum(0) if len(local) > 1 else local[0].clone()
+        if tied.share != 1.0:
+            total.mul_(tied.share)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=tied.group)
         for parameter in tied.parameters:
             parameter.grad = total.clone() if len(tied.parameters) > 1 else total
@@ -164,7 +179,10 @@ def _replayed_rng(
 
 
 class Executor:
-    """Runs a stage's actions, exchanging values and gradients through ``comm``."""
+    """Runs a stage's actions, exchanging values and gradients through ``comm``.
+
+    With ``replica`` (the stage has data-parallel replicas) the stage runs through it, and the
+    last backward before each step sums the gradients over the replicas."""
 
     def __init__(
         self,
@@ -176,12 +194,16 @@ class Executor:
         loss_fn: LossFn,
         groups: Sequence[TiedGroup],
         recompute: bool = False,
+        replica: StageReplica | None = None,
     ) -> None:
         self.rank = rank
+        self.stage_index = comm.layout.role(rank).stage
         self.recompute = recompute
-        self.spec = pipeline["stages"][rank]
-        self.is_last = rank == len(pipeline["stages"]) - 1
+        self.spec = pipeline["stages"][self.stage_index]
+        self.is_last = self.stage_index == len(pipeline["stages"]) - 1
         self.stage = stage
+        self.replica = replica
+        self.module: Callable[..., Any] = stage if replica is None else replica
         self.comm = comm
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -205,12 +227,13 @@ class Executor:
         where there is one) are appended to it.
         """
         keeps = iter(self._prepare_versions(actions))
-        for action in actions:
+        reducing = set(last_backwards(actions)) if self.replica is not None else set()
+        for position, action in enumerate(actions):
             started = self._clock() if trace is not None else 0.0
             if action.kind == FORWARD:
                 self._forward(action, feed)
             elif action.kind == BACKWARD:
-                self._backward(action, feed, on_loss)
+                self._backward(action, feed, on_loss, position in reducing)
             elif action.kind == STEP:
                 self._step(next(keeps, frozenset()), on_step)
             if trace is not None:
@@ -246,7 +269,7 @@ class Executor:
         i = action.microbatch
         k = feed.first + i
         model_inputs = feed.inputs_for(k) if feed.inputs_for is not None else {}
-        received = self.comm.receive_values(feed.size_of(k))
+        received = self.comm.receive_values(i, feed.size_of(k))
         for name, value in received.items():
             if self.comm.specs[name]["requires_grad"] and value.is_floating_point():
                 value.requires_grad_(True)
@@ -256,12 +279,12 @@ class Executor:
             if self.recompute:
                 rng = _capture_rng(args)
                 with torch.no_grad():
-                    outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
+                    outputs = dict(zip(self.spec["outputs"], self.module(*args)))
                 self._saved[i] = _Saved(received, None, args, rng)
             else:
-                outputs = dict(zip(self.spec["outputs"], self.stage(*args)))
+                outputs = dict(zip(self.spec["outputs"], self.module(*args)))
                 self._saved[i] = _Saved(received, outputs)
-        self.comm.send_values({**model_inputs, **outputs})
+        self.comm.send_values(i, {**model_inputs, **outputs})
 
     @contextlib.contextmanager
     def _outputs_for_backward(self, saved: _Saved) -> Iterator[dict[str, torch.Tensor]]:
@@ -275,13 +298,16 @@ class Executor:
             return
         buffers = [(b, b.detach().clone()) for b in self.stage.buffers()]
         with _replayed_rng(saved.rng, saved.args), torch.enable_grad():
-            outputs = dict(zip(self.spec["outputs"], self.stage(*saved.args)))
+            outputs = dict(zip(self.spec["outputs"], self.module(*saved.args)))
         yield outputs
         with torch.no_grad():
             for buffer, before in buffers:
                 buffer.copy_(before)
 
-    def _backward(self, action: Action, feed: Feed, on_loss: LossHook | None) -> None:
+    def _backward(
+        self, action: Action, feed: Feed, on_loss: LossHook | None, reduce: bool = False
+    ) -> None:
+        """Backward of a microbatch; with ``reduce``, the replicas sum their gradients in it."""
         i = action.microbatch
         k = feed.first + i
         saved = self._saved.pop(i)
@@ -291,15 +317,25 @@ class Executor:
             if self.is_last:
                 loss = self.loss_fn(outputs[self.spec["outputs"][0]], label)
                 loss_value = loss.item()
-                (loss * feed.weight_of(k)).backward()
+                roots, grads = [loss * feed.weight_of(k)], [None]
             else:
-                grads = self.comm.receive_gradients(outputs)
-                pairs = [(outputs[n], g) for n, g in grads.items() if outputs[n].requires_grad]
-                if pairs:
-                    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        self.comm.send_gradients(saved.inputs)
+                received = self.comm.receive_gradients(i, outputs)
+                pairs = [(outputs[n], g) for n, g in received.items() if outputs[n].requires_grad]
+                roots, grads = [t for t, _ in pairs], [g for _, g in pairs]
+            with self._reducing(reduce, roots):
+                if roots:
+                    torch.autograd.backward(roots, grads)
+        self.comm.send_gradients(i, saved.inputs)
         if on_loss is not None and loss_value is not None:
             on_loss(k, loss_value)
+
+    def _reducing(
+        self, reduce: bool, roots: Sequence[torch.Tensor]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Where the replicas sum their gradients: around the step's last backward."""
+        if not reduce or self.replica is None:
+            return contextlib.nullcontext()
+        return self.replica.reducing(roots)
 
     def _step(self, keep: frozenset[int], on_step: Callable[[], None] | None) -> None:
         """Sum tied gradients, update (keeping the versions later computes use), and clear."""

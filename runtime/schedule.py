@@ -17,7 +17,7 @@ Dependencies between stages come from a generated file's ``PIPELINE`` dict
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
@@ -190,31 +190,37 @@ def _backward(stage: int, microbatch: int) -> Action:
     return Action(BACKWARD, stage, microbatch)
 
 
+def _gpipe_order(stage: int, microbatches: Sequence[int]) -> Iterator[Action]:
+    """One device of GPipe: the forwards of ``microbatches``, their backwards in reverse, a step."""
+    yield from (_forward(stage, i) for i in microbatches)
+    yield from (_backward(stage, i) for i in reversed(microbatches))
+    yield Action(STEP, stage, None)
+
+
 def gpipe(n_stages: int, n_microbatches: int) -> Schedule:
     """GPipe: every forward, then every backward in reverse microbatch order, then a step."""
     _check_counts(n_stages, n_microbatches)
-    actions = tuple(
-        (
-            *(_forward(stage, i) for i in range(n_microbatches)),
-            *(_backward(stage, i) for i in reversed(range(n_microbatches))),
-            Action(STEP, stage, None),
-        )
-        for stage in range(n_stages)
-    )
+    every = range(n_microbatches)
+    actions = tuple(tuple(_gpipe_order(stage, every)) for stage in range(n_stages))
     return Schedule("gpipe", n_stages, n_microbatches, actions)
 
 
-def _one_f_one_b_stage(stage: int, n_stages: int, n_microbatches: int) -> Iterator[Action]:
-    """Stage ``stage`` of 1F1B: warm-up forwards, one forward one backward, drain, step."""
-    warmup = min(n_stages - stage - 1, n_microbatches)
-    for i in range(warmup):
+def _one_f_one_b_order(stage: int, microbatches: Sequence[int], warmup: int) -> Iterator[Action]:
+    """One device of 1F1B: ``warmup`` forwards, then one forward one backward, drain, step."""
+    warmup = min(warmup, len(microbatches))
+    for i in microbatches[:warmup]:
         yield _forward(stage, i)
-    for i in range(n_microbatches - warmup):
-        yield _forward(stage, warmup + i)
-        yield _backward(stage, i)
-    for i in range(n_microbatches - warmup, n_microbatches):
+    for ahead, behind in zip(microbatches[warmup:], microbatches):
+        yield _forward(stage, ahead)
+        yield _backward(stage, behind)
+    for i in microbatches[len(microbatches) - warmup :]:
         yield _backward(stage, i)
     yield Action(STEP, stage, None)
+
+
+def _one_f_one_b_stage(stage: int, n_stages: int, n_microbatches: int) -> Iterator[Action]:
+    """Stage ``stage`` of 1F1B: p - s - 1 warm-up forwards, one forward one backward, drain."""
+    return _one_f_one_b_order(stage, range(n_microbatches), n_stages - stage - 1)
 
 
 def one_f_one_b(n_stages: int, n_microbatches: int) -> Schedule:
@@ -523,11 +529,19 @@ def _deadlock_message(
     """Name the first device that cannot go on, what it waits for, and why that never runs.
 
     A step is never the one stuck: the backwards it waits for ran before it on its device.
+    Where every device could go on but for a collective, say so.
     """
-    device = next(d for d, actions in enumerate(remaining) if actions)
-    action = remaining[device][0]
-    needed = _prerequisites(action, producers, consumers, n_microbatches)
-    missing = next(a for a in needed if a not in done)
+    for actions in remaining:
+        if not actions or actions[0].kind == STEP:
+            continue
+        action = actions[0]
+        needed = _prerequisites(action, producers, consumers, n_microbatches)
+        missing = next((a for a in needed if a not in done), None)
+        if missing is not None:
+            break
+    else:
+        heads = ", ".join(f"device {d} at {a[0]}" for d, a in enumerate(remaining) if a)
+        return f"deadlock at step {step}: replicas wait for each other's all-reduce ({heads})"
     holder = next((d for d, actions in enumerate(remaining) if missing in actions), None)
     if holder is None:
         reason = "it is not in the schedule"
@@ -539,16 +553,24 @@ def _deadlock_message(
     )
 
 
-def simulate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
+def simulate(
+    schedule: Schedule,
+    dependencies: Dependencies,
+    collectives: Mapping[tuple[int, int], Hashable] | None = None,
+) -> Simulation:
     """Run the schedule in lockstep, one action per device per step.
 
     A device runs its next action once every action it depends on, on any stage, finished in an
     earlier step; otherwise it idles. A step depends on the backwards of its stage run on its
-    device since that stage's previous step. Raises :class:`ScheduleError` if no device can move.
+    device since that stage's previous step. ``collectives`` marks actions that also wait for
+    each other, as replicas all-reducing their gradients do: it maps (device, position in its
+    list) to a key, and the actions sharing a key run together, once each of them could run.
+    Raises :class:`ScheduleError` if no device can move.
     """
     _check_dependencies(dependencies, schedule.n_stages)
     consumers = _consumers(dependencies, schedule.n_stages)
     m = schedule.n_microbatches
+    together = _collective_members(collectives or {})
     position = [0] * len(schedule.actions)
     since_step: list[dict[int, list[Action]]] = [{} for _ in schedule.actions]
     start: dict[Action, int] = {}
@@ -559,15 +581,25 @@ def simulate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
         return _prerequisites(action, dependencies, consumers, m, backwards)
 
     while any(pos < len(acts) for pos, acts in zip(position, schedule.actions)):
-        waiting = [
-            (device, acts[pos])
+        waiting = {
+            device: acts[pos]
             for device, (pos, acts) in enumerate(zip(position, schedule.actions))
             if pos < len(acts)
-        ]
-        ready = [
-            (device, action)
-            for device, action in waiting
+        }
+        able = {
+            device
+            for device, action in waiting.items()
             if all(a in start for a in needs(device, action))
+        }
+        ready = [
+            (device, waiting[device])
+            for device in sorted(able)
+            if all(
+                member in able and position[member] == at
+                for member, at in together.get(
+                    (collectives or {}).get((device, position[device])), ()
+                )
+            )
         ]
         if not ready:
             remaining = [acts[pos:] for pos, acts in zip(position, schedule.actions)]
@@ -579,6 +611,16 @@ def simulate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
             _track_backwards(since_step[device], action)
         step += 1
     return Simulation(step, start)
+
+
+def _collective_members(
+    collectives: Mapping[tuple[int, int], Hashable],
+) -> dict[Hashable, list[tuple[int, int]]]:
+    """Each collective's members: the (device, position) of every action sharing its key."""
+    members: dict[Hashable, list[tuple[int, int]]] = {}
+    for place, key in collectives.items():
+        members.setdefault(key, []).append(place)
+    return members
 
 
 def _track_backwards(since_step: dict[int, list[Action]], action: Action) -> None:
@@ -675,6 +717,19 @@ def validate(schedule: Schedule, dependencies: Dependencies) -> Simulation:
         else:
             _check_async_stage(stage, actions, schedule)
     return simulate(schedule, dependencies)
+
+
+def last_backwards(actions: Sequence[Action]) -> list[int]:
+    """Positions, in one device's action list, of the last backward before each step: where a
+    stage's replicas sum their gradients."""
+    found, last = [], None
+    for position, action in enumerate(actions):
+        if action.kind == BACKWARD:
+            last = position
+        elif action.kind == STEP and last is not None:
+            found.append(last)
+            last = None
+    return found
 
 
 def peak_in_flight(schedule: Schedule) -> list[int]:

@@ -63,15 +63,6 @@ def original_state_dict(source: Mapping[str, str], seed: int) -> dict[str, torch
     return task.model.state_dict()
 
 
-def check_world_size(n_stages: int, world_size: int) -> None:
-    """One process runs one stage, so the world size must equal the number of stages."""
-    if world_size != n_stages:
-        raise RuntimeConfigError(
-            f"the model has {n_stages} stages but the world size is {world_size}: "
-            f"start {n_stages} processes (torchrun --nproc_per_node {n_stages})"
-        )
-
-
 DEVICES = ("auto", "cpu", "cuda")
 
 

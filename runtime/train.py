@@ -6,9 +6,11 @@ microbatch k being part k % m of step k // m's batch, with steps inside it; it s
 state only at the end, once the pipeline has drained. ``--snapshot_dir`` weights are written by
 each rank on its own after the step that ends an epoch, so they need no drained pipeline.
 
-Rank 0 reads the model inputs, the last rank the labels; both draw the same samples from the
-same seeded order, so no rank needs the other's data, and every rank knows each step's batch
-size from the data source. Every user error is found before the process group starts where
+The first stage reads the model inputs, the last stage the labels; both draw the same samples
+from the same seeded order, so no rank needs the other's data, and every rank knows each step's
+batch size from the data source. With replicated stages or ``--dp`` (:mod:`runtime.layout`) a
+batch is cut into ``microbatches * dp`` microbatches spread over the replicas, which sum their
+gradients before each step (:mod:`runtime.replicas`). Every user error is found before the process group starts where
 possible, so every rank stops with the same message.
 """
 
@@ -56,11 +58,12 @@ from runtime.schedule import (
     stage_dependencies,
 )
 from runtime.simulate import chrome_trace
+from runtime.layout import Layout, check_layout, layout_schedule, make_layout, validate_layout
+from runtime.replicas import StageReplica, replica_groups
 from runtime.stage import (
     RuntimeConfigError,
     backend_for,
     build_local_stage,
-    check_world_size,
     load_generated,
     local_device,
     original_state_dict,
@@ -80,6 +83,7 @@ class TrainConfig:
     schedule: str = "1f1b"
     vertical_sync: bool = False
     microbatches: int = 4
+    dp: int = 1
     batch_size: int = 8
     steps: int | None = None
     epochs: int | None = None
@@ -157,7 +161,7 @@ def check_config(config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
             raise RuntimeConfigError(
                 f"unknown {flag} {getattr(config, flag)!r}; choose from {', '.join(known)}"
             )
-    for flag in ("microbatches", "batch_size", "steps", "epochs"):
+    for flag in ("microbatches", "batch_size", "steps", "epochs", "dp"):
         value = getattr(config, flag)
         if value is not None and value < 1:
             raise RuntimeConfigError(f"--{flag} must be at least 1, got {value}")
@@ -183,7 +187,12 @@ def check_config(config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
     if len(pipeline["model_outputs"]) < 1:
         raise RuntimeConfigError("the model has no outputs to compute a loss from")
     _check_schedule(config, len(pipeline["stages"]))
-    check_data(config, pipeline)
+    check_data(whole_batches(config), pipeline)
+
+
+def whole_batches(config: TrainConfig) -> TrainConfig:
+    """The config as the data sees it: a batch cut into ``microbatches * dp`` microbatches."""
+    return replace(config, microbatches=config.microbatches * config.dp, dp=1)
 
 
 def _check_schedule(config: TrainConfig, n_stages: int) -> None:
@@ -241,13 +250,20 @@ def initial_weights(config: TrainConfig, pipeline: Mapping[str, Any]) -> dict | 
     return original_state_dict(source, config.seed)
 
 
-def _save_checkpoint(generated: ModuleType, stage: nn.Module, rank: int, path: str) -> None:
-    """Gather every stage's state dict on rank 0 and save them merged, under original keys."""
-    own = {key: value.detach().cpu() for key, value in stage.state_dict().items()}
+def _save_checkpoint(
+    generated: ModuleType, stage: nn.Module, layout: Layout, rank: int, path: str
+) -> None:
+    """Gather every stage's state dict (replica 0's) on rank 0 and save them merged, under
+    original keys."""
+    keeps = layout.role(rank).replica == 0
+    own = (
+        {key: value.detach().cpu() for key, value in stage.state_dict().items()} if keeps else None
+    )
     gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(own, gathered, dst=0)
     if rank == 0:
-        torch.save(generated.merge_state_dicts(gathered), path)
+        stages = [gathered[layout.first_rank(s)] for s in range(layout.n_stages)]
+        torch.save(generated.merge_state_dicts(stages), path)
         log.info("saved %s", path)
 
 
@@ -258,7 +274,8 @@ def _switch_off_dropout(stage: nn.Module) -> None:
 
 
 def prepare(config: TrainConfig) -> ModuleType:
-    """Load the generated file and check the config and world size, before any communication.
+    """Load the generated file and check the config, world size and rank layout, before any
+    communication.
 
     An asynchronous schedule is validated for 2p steps, not for the whole run: every stage then
     passes its warm-up, steps in steady state and drains, the pattern a longer run repeats, at a
@@ -266,35 +283,61 @@ def prepare(config: TrainConfig) -> ModuleType:
     """
     generated = load_generated(config.model)
     check_config(config, generated.PIPELINE)
-    n_stages = len(generated.PIPELINE["stages"])
-    check_world_size(n_stages, int(os.environ.get("WORLD_SIZE", "1")))
+    layout = make_layout(generated.PIPELINE, config.dp)
+    check_layout(layout, int(os.environ.get("WORLD_SIZE", "1")), config.microbatches, config.dp)
+    n_stages = layout.n_stages
     try:
-        schedule = build_schedule(
-            config.schedule, n_stages, config.microbatches, 2 * n_stages, config.vertical_sync
-        )
-        schedule.validate(stage_dependencies(generated.PIPELINE))
+        if layout.replicated:
+            schedule = layout_schedule(config.schedule, layout, config.microbatches * config.dp)
+            validate_layout(schedule, layout, stage_dependencies(generated.PIPELINE))
+        else:
+            schedule = build_schedule(
+                config.schedule, n_stages, config.microbatches, 2 * n_stages, config.vertical_sync
+            )
+            schedule.validate(stage_dependencies(generated.PIPELINE))
     except ScheduleError as error:
         raise RuntimeConfigError(str(error)) from None
     return generated
 
 
+def run_schedule(config: TrainConfig, layout: Layout, steps: int) -> Schedule:
+    """The schedule of a run of ``steps`` batches: one action list per rank."""
+    if layout.replicated:
+        return layout_schedule(config.schedule, layout, config.microbatches * config.dp)
+    return build_schedule(
+        config.schedule, layout.n_stages, config.microbatches, steps, config.vertical_sync
+    )
+
+
 def _build_executor(
-    config: TrainConfig, generated: ModuleType, rank: int, device: torch.device
+    config: TrainConfig, generated: ModuleType, layout: Layout, rank: int, device: torch.device
 ) -> Executor:
-    """This rank's stage with its weights, tied copies made equal, optimizer and comm."""
+    """This rank's stage with its weights, tied copies made equal, its replicas' wrapper,
+    optimizer and comm. Every rank makes the same process groups in the same order."""
     pipeline = generated.PIPELINE
+    role = layout.role(rank)
     weights = initial_weights(config, pipeline)
     torch.manual_seed(config.seed)
-    stage = build_local_stage(generated, rank, device, weights)
+    stage = build_local_stage(generated, role.stage, device, weights)
     if config.no_dropout:
         _switch_off_dropout(stage)
-    groups = tied_groups(pipeline, rank, stage)
+    groups = tied_groups(pipeline, layout, rank, stage)
     synchronize_tied(groups)
+    replica_group = replica_groups(layout)[role.stage]
+    replica = StageReplica(stage, replica_group, device) if replica_group is not None else None
     optimizer = OPTIMIZERS[config.optimizer](list(stage.parameters()), config)
-    channels = make_channels(pipeline, separate=backend_for(device) == "nccl")
-    comm = StageComm(pipeline, rank, device, channels)
+    channels = make_channels(pipeline, layout, separate=backend_for(device) == "nccl")
+    comm = StageComm(pipeline, layout, rank, device, channels)
     return Executor(
-        pipeline, rank, stage, comm, optimizer, LOSSES[config.loss], groups, config.recompute
+        pipeline,
+        rank,
+        stage,
+        comm,
+        optimizer,
+        LOSSES[config.loss],
+        groups,
+        config.recompute,
+        replica,
     )
 
 
@@ -416,21 +459,31 @@ class Reporter:
 
 
 class StepLosses:
-    """Last rank: each step's loss, its microbatches' losses weighted by their share of the
+    """Last stage: each step's loss, its microbatches' losses weighted by their share of the
     batch, reported once every microbatch of the step has run its backward (in an asynchronous
-    run, while the next step's are already in flight)."""
+    run, while the next step's are already in flight).
+
+    Where the last stage has replicas, each holds ``per_step`` of a step's microbatches; they
+    sum their parts (over ``group``, once all their backwards of the step have run, as in a
+    synchronous schedule) and replica 0, the one with a ``reporter``, reports."""
 
     def __init__(
         self,
-        reporter: Reporter,
+        reporter: Reporter | None,
         run_data: RunData,
         optimizer: torch.optim.Optimizer,
         since: float,
+        per_step: int | None = None,
+        group: Any = None,
+        device: torch.device | None = None,
     ) -> None:
         self.reporter = reporter
         self.run_data = run_data
         self.optimizer = optimizer
         self.since = since
+        self.per_step = run_data.m if per_step is None else per_step
+        self.group = group
+        self.device = device
         self._sums: dict[int, float] = {}
         self._counts: dict[int, int] = {}
 
@@ -440,30 +493,59 @@ class StepLosses:
         step = k // self.run_data.m
         self._sums[step] = self._sums.get(step, 0) + loss * self.run_data.share_of(k)
         self._counts[step] = self._counts.get(step, 0) + 1
-        if self._counts[step] < self.run_data.m:
+        if self._counts[step] < self.per_step:
             return
         del self._counts[step]
+        total = self._sums.pop(step)
+        if self.group is not None:
+            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
+            dist.all_reduce(summed, group=self.group)
+            total = summed.item()
+        if self.reporter is None:
+            return
         now = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         batch = self.run_data.batch_size(step)
-        self.reporter.step(step, self._sums.pop(step), lr, batch, now - self.since)
+        self.reporter.step(step, total, lr, batch, now - self.since)
         self.since = now
 
 
+def _replica_rngs(executor: Executor, layout: Layout) -> list[dict] | None:
+    """Every replica's random state, gathered on replica 0 (None elsewhere, and on a stage
+    without replicas): a resumed replica goes on drawing its own dropout masks."""
+    if executor.replica is None:
+        return None
+    role = layout.role(executor.rank)
+    first = layout.first_rank(role.stage)
+    gathered: list[Any] | None = [None] * layout.replicas[role.stage] if role.replica == 0 else None
+    rng = checkpoint.capture_rng()
+    dist.gather_object(rng, gathered, dst=first, group=executor.replica.group)
+    return gathered
+
+
 def _save_training_state(
-    config: TrainConfig, generated: ModuleType, executor: Executor, scheduler: Any, step: int
+    config: TrainConfig,
+    generated: ModuleType,
+    layout: Layout,
+    executor: Executor,
+    scheduler: Any,
+    step: int,
 ) -> None:
-    """Every rank writes its stage's state for ``step``; rank 0 commits once all have."""
-    rank, n_stages = dist.get_rank(), dist.get_world_size()
-    state = checkpoint.StageState(
-        step=step,
-        model=executor.stage.state_dict(),
-        optimizer=executor.optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
-        rng=checkpoint.capture_rng(),
-        extra={},
-    )
-    checkpoint.save_stage(config.checkpoint_dir, rank, n_stages, state)
+    """Replica 0 of every stage writes the stage's state for ``step`` (with every replica's
+    random state); rank 0 commits once all have."""
+    rank, n_stages = dist.get_rank(), layout.n_stages
+    role = layout.role(rank)
+    rngs = _replica_rngs(executor, layout)
+    if role.replica == 0:
+        state = checkpoint.StageState(
+            step=step,
+            model=executor.stage.state_dict(),
+            optimizer=executor.optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            rng=checkpoint.capture_rng(),
+            extra={} if rngs is None else {"replica_rng": rngs},
+        )
+        checkpoint.save_stage(config.checkpoint_dir, role.stage, n_stages, state)
     dist.barrier()
     if rank == 0:
         meta = checkpoint.pipeline_meta(config.model, generated.PIPELINE)
@@ -538,17 +620,21 @@ def _write_trace(
         log.info("wrote trace %s", config.trace)
 
 
-def _resume(config: TrainConfig, executor: Executor, scheduler: Any) -> int:
-    """Restore this rank's stage, optimizer, schedule and random state; the step to go on from."""
+def _resume(config: TrainConfig, layout: Layout, executor: Executor, scheduler: Any) -> int:
+    """Restore this rank's stage, optimizer, schedule and random state; the step to go on from.
+    A replica takes its stage's file, and its own random state where the file kept it."""
     if checkpoint.latest_step(config.checkpoint_dir) is None:
         print(f"no checkpoint in {config.checkpoint_dir} yet: starting from step 0", flush=True)
         return 0
-    state = checkpoint.load_stage(config.checkpoint_dir, dist.get_rank(), dist.get_world_size())
+    role = layout.role(dist.get_rank())
+    state = checkpoint.load_stage(config.checkpoint_dir, role.stage, layout.n_stages)
     executor.stage.load_state_dict(state.model)
     executor.optimizer.load_state_dict(state.optimizer)
     if state.scheduler is not None:
         scheduler.load_state_dict(state.scheduler)
-    checkpoint.restore_rng(state.rng)
+    rngs = state.extra.get("replica_rng")
+    same_replicas = rngs is not None and len(rngs) == layout.replicas[role.stage]
+    checkpoint.restore_rng(rngs[role.replica] if same_replicas else state.rng)
     return state.step
 
 
@@ -583,16 +669,23 @@ def _after_step(scheduler: Any, snapshots: EpochSnapshots | None) -> Callable[[]
 
 
 def _snapshots(
-    config: TrainConfig, executor: Executor, schedule: Schedule, data: DataSource, steps: range
+    config: TrainConfig,
+    executor: Executor,
+    layout: Layout,
+    schedule: Schedule,
+    data: DataSource,
+    steps: range,
 ) -> EpochSnapshots | None:
-    """The epoch snapshots of ``--snapshot_dir`` for a run of ``steps``; None without."""
-    if config.snapshot_dir is None:
+    """The epoch snapshots of ``--snapshot_dir`` for a run of ``steps``; None without, and on
+    replicas other than a stage's first (they hold the same weights)."""
+    role = layout.role(executor.rank)
+    if config.snapshot_dir is None or role.replica != 0:
         return None
     m = config.microbatches
     return EpochSnapshots(
         config.snapshot_dir,
         executor.stage,
-        executor.rank,
+        role.stage,
         per_step=schedule.microbatches_per_step or m,
         per_epoch=data.steps_per_epoch * m,
         total=steps.stop * m,
@@ -600,56 +693,80 @@ def _snapshots(
     )
 
 
+def _step_losses(
+    config: TrainConfig,
+    executor: Executor,
+    layout: Layout,
+    run_data: RunData,
+    reporter: Reporter | None,
+    since: float,
+) -> StepLosses | None:
+    """What the last stage's ranks do with their losses; None on the other stages."""
+    role = layout.role(executor.rank)
+    if role.stage != layout.n_stages - 1:
+        return None
+    if executor.replica is None:
+        return StepLosses(reporter, run_data, executor.optimizer, since)
+    mine = len(layout.microbatches_of(role, run_data.m))
+    group, device = executor.replica.group, executor.comm.device
+    return StepLosses(reporter, run_data, executor.optimizer, since, mine, group, device)
+
+
 def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> None:
     """Run the schedule for every step of the run on this rank; the process group must exist."""
     pipeline = generated.PIPELINE
-    rank, n_stages = dist.get_rank(), len(pipeline["stages"])
-    executor = _build_executor(config, generated, rank, device)
-    data = DataSource(config, pipeline)
+    layout = make_layout(pipeline, config.dp)
+    rank = dist.get_rank()
+    role = layout.role(rank)
+    if rank == 0 and layout.replicated:
+        print(f"rank layout:\n{layout.describe()}", flush=True)
+    executor = _build_executor(config, generated, layout, rank, device)
+    data = DataSource(whole_batches(config), pipeline)
     total = total_steps(config, data)
-    m = config.microbatches
-    schedule = build_schedule(config.schedule, n_stages, m, total, config.vertical_sync)
+    m = config.microbatches * config.dp
+    schedule = run_schedule(config, layout, total)
     updates = optimizer_steps(schedule, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         executor.optimizer,
         lambda step: lr_factor(config.lr_schedule, step, updates, config.warmup_steps),
     )
     torch.manual_seed(config.seed + rank)
-    start = _resume(config, executor, scheduler) if config.resume else 0
-    is_last = rank == n_stages - 1
+    start = _resume(config, layout, executor, scheduler) if config.resume else 0
+    is_last = role.stage == layout.n_stages - 1
     if rank == 0:
         print(f"data {data.description}; {total} steps", flush=True)
     run_data = RunData(data, device, m)
     feed = Feed(
         size_of=run_data.size_of,
         weight_of=_loss_weight(schedule, run_data),
-        inputs_for=run_data.inputs_for if rank == MODEL_INPUT_SOURCE else None,
+        inputs_for=run_data.inputs_for if role.stage == MODEL_INPUT_SOURCE else None,
         labels_for=run_data.labels_for if is_last else None,
     )
-    reporter = Reporter(config, start, total, data.steps_per_epoch) if is_last else None
+    reports = is_last and role.replica == 0
+    reporter = Reporter(config, start, total, data.steps_per_epoch) if reports else None
     trace: list[TraceRecord] | None = [] if config.trace else None
     if trace is not None:
         dist.barrier()
     origin = time.perf_counter()
-    losses = StepLosses(reporter, run_data, executor.optimizer, origin) if reporter else None
-    snapshots = _snapshots(config, executor, schedule, data, range(start, total))
+    losses = _step_losses(config, executor, layout, run_data, reporter, origin)
+    snapshots = _snapshots(config, executor, layout, schedule, data, range(start, total))
     after_step = _after_step(scheduler, snapshots)
     actions = schedule.actions[rank]
     if schedule.microbatches_per_step is None:
         for step in range(start, total):
             executor.run(actions, replace(feed, first=step * m), trace, losses, after_step)
             if _checkpoint_due(config, step + 1, total):
-                _save_training_state(config, generated, executor, scheduler, step + 1)
+                _save_training_state(config, generated, layout, executor, scheduler, step + 1)
     else:
         executor.run(actions, feed, trace, losses, after_step)
         if _checkpoint_due(config, total, total):
-            _save_training_state(config, generated, executor, scheduler, total)
+            _save_training_state(config, generated, layout, executor, scheduler, total)
     if reporter is not None:
         reporter.close(total - start)
     if trace is not None:
-        _write_trace(config, trace, origin, n_stages)
+        _write_trace(config, trace, origin, layout.n_stages)
     if config.save_checkpoint:
-        _save_checkpoint(generated, executor.stage, rank, config.save_checkpoint)
+        _save_checkpoint(generated, executor.stage, layout, rank, config.save_checkpoint)
 
 
 def run(config: TrainConfig) -> None:

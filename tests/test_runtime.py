@@ -24,6 +24,7 @@ from autopipe.tasks import zoo_task
 from conftest import free_port, launch
 from runtime.comm import StageComm, Transfer, buffer_for, make_channels, transfers
 from runtime.executor import microbatch_sizes
+from runtime.layout import Layout
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120
@@ -231,16 +232,18 @@ def _exchange(rank: int, port: int, separate: bool, results: Any) -> None:
                 {"inputs": ["h"], "outputs": [], "values": {"h": h}},
             ]
         }
-        comm = StageComm(pipeline, rank, torch.device("cpu"), make_channels(pipeline, separate))
+        layout = Layout((1, 1))
+        channels = make_channels(pipeline, layout, separate)
+        comm = StageComm(pipeline, layout, rank, torch.device("cpu"), channels)
         if rank == 0:
             value = torch.arange(12.0).reshape(4, 3).requires_grad_()
-            comm.send_values({"h": value})
-            grads = comm.receive_gradients({"h": value})
+            comm.send_values(0, {"h": value})
+            grads = comm.receive_gradients(0, {"h": value})
             results.put(grads["h"].tolist())
         else:
-            received = comm.receive_values(4)["h"].requires_grad_()
+            received = comm.receive_values(0, 4)["h"].requires_grad_()
             (received * 2).sum().backward()
-            comm.send_gradients({"h": received})
+            comm.send_gradients(0, {"h": received})
         comm.wait_sends()
         dist.barrier()
     finally:
