@@ -56,13 +56,14 @@ sys.path.insert(0, str(REPO))
 
 import torch
 import torch.distributed as dist
+from launch import BenchmarkError, run_measured
 from torch import nn
 
-from launch import BenchmarkError, run_measured
 from runtime.comm import value_specs
-from runtime.executor import reduce_tied_gradients, synchronize_tied, tied_groups
-from runtime.stage import DEVICES, RuntimeConfigError, backend_for, load_generated
 from runtime.data import DataSource
+from runtime.executor import reduce_tied_gradients, synchronize_tied, tied_groups
+from runtime.layout import Layout
+from runtime.stage import DEVICES, RuntimeConfigError, backend_for, load_generated
 from runtime.train import LOSSES, OPTIMIZERS, TrainConfig
 
 PROG = "runtime_throughput"
@@ -213,7 +214,7 @@ def pipelining_worker(args: argparse.Namespace) -> None:
     try:
         rank, n_stages = dist.get_rank(), len(pipeline["stages"])
         (stage,) = build_stages(generated, [rank], config, device)
-        groups = tied_groups(pipeline, rank, stage)
+        groups = tied_groups(pipeline, Layout((1,) * n_stages), rank, stage)
         synchronize_tied(groups)
         optimizer = OPTIMIZERS[config.optimizer](list(stage.parameters()), config)
         torch.manual_seed(config.seed + rank)

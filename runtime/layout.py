@@ -18,7 +18,7 @@ gradient of the whole batch, as one process training the original model would.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from math import ceil, lcm
 from typing import Any
@@ -33,7 +33,10 @@ from runtime.schedule import (
     Schedule,
     ScheduleError,
     _gpipe_order,
+    _current,
+    _fixed,
     _one_f_one_b_order,
+    _stashed,
     last_backwards,
     simulate,
 )
@@ -160,25 +163,90 @@ def check_layout(layout: Layout, world_size: int, microbatches: int, dp: int) ->
         )
 
 
-def layout_schedule(name: str, layout: Layout, n_microbatches: int) -> Schedule:
-    """A synchronous schedule (``gpipe`` or ``1f1b``) for one batch of ``n_microbatches``, one
-    action list per rank: each rank runs its stage's schedule over its own microbatches, 1F1B
-    warming up with :meth:`Layout.warmup` forwards. With one rank per stage it is the plain
-    schedule."""
-    if name not in SCHEDULES:
+ASYNC_ON_REPLICAS = ("pipedream", "stale", "2bw")
+"""Asynchronous schedules that run replicated stages. PipeOptim's prediction distance and
+PipeDream's vertical sync count versions as steps of a stage, which replicas of different
+stages take at different rates, so they run with one rank per stage only."""
+
+
+def layout_schedule(name: str, layout: Layout, n_microbatches: int, steps: int = 1) -> Schedule:
+    """Schedule ``name`` with one action list per rank, for batches of ``n_microbatches``.
+
+    Each rank runs its stage's schedule over its own microbatches, 1F1B warming up with
+    :meth:`Layout.warmup` forwards. A synchronous schedule (gpipe, 1f1b) covers one batch. An
+    asynchronous one covers ``steps`` batches without a flush, the microbatches numbered over
+    the run: ``2bw`` steps once a rank has run its share of a batch, every microbatch of batch t
+    using version max(0, t - 1); ``pipedream`` (weight stashing) and ``stale`` step after every
+    backward, the replicas of a stage averaging the gradients of the microbatches they ran side
+    by side, as PipeDream's replicas do. With one rank per stage it is the plain schedule.
+    """
+    if name not in SCHEDULES and name not in ASYNC_ON_REPLICAS:
         raise RuntimeConfigError(
-            f"--schedule {name} does not run replicated stages yet: use "
-            f"{' or '.join(SCHEDULES)}, or one rank per stage"
+            f"--schedule {name} does not run replicated stages: use one of "
+            f"{', '.join((*SCHEDULES, *ASYNC_ON_REPLICAS))}, or one rank per stage"
         )
-    actions = []
-    for rank in range(layout.world_size):
-        role = layout.role(rank)
-        mine = layout.microbatches_of(role, n_microbatches)
-        if name == "gpipe":
-            actions.append(tuple(_gpipe_order(role.stage, mine)))
-        else:
-            actions.append(tuple(_one_f_one_b_order(role.stage, mine, layout.warmup(role.stage))))
-    return Schedule(name, layout.n_stages, n_microbatches, tuple(actions))
+    if name in SCHEDULES:
+        actions = []
+        for rank in range(layout.world_size):
+            role = layout.role(rank)
+            mine = layout.microbatches_of(role, n_microbatches)
+            if name == "gpipe":
+                actions.append(tuple(_gpipe_order(role.stage, mine)))
+            else:
+                warmup = layout.warmup(role.stage)
+                actions.append(tuple(_one_f_one_b_order(role.stage, mine, warmup)))
+        return Schedule(name, layout.n_stages, n_microbatches, tuple(actions))
+    if name != "2bw":
+        _check_whole_turns(name, layout, n_microbatches)
+    total = steps * n_microbatches
+    actions = tuple(
+        _async_rank(name, layout, layout.role(rank), n_microbatches, total)
+        for rank in range(layout.world_size)
+    )
+    per_step = n_microbatches if name == "2bw" else 1
+    return Schedule(name, layout.n_stages, total, actions, per_step)
+
+
+def _check_whole_turns(name: str, layout: Layout, n_microbatches: int) -> None:
+    """A schedule that steps after every backward needs every replica of a stage to run as
+    many microbatches as the others in a batch: their steps are one all-reduce."""
+    for stage, replicas in enumerate(layout.replicas):
+        if n_microbatches % replicas:
+            raise RuntimeConfigError(
+                f"--schedule {name} steps the {replicas} replicas of stage {stage} together "
+                f"after every backward, so a batch's {n_microbatches} microbatches must divide "
+                f"among them: pass --microbatches so that microbatches x dp is a multiple of "
+                f"{replicas}"
+            )
+
+
+def _async_rank(
+    name: str, layout: Layout, role: Role, per_batch: int, total: int
+) -> tuple[Action, ...]:
+    """One rank of an asynchronous schedule: 1F1B's order over its microbatches of the run,
+    never flushed, each compute versioned and steps where the schedule takes them."""
+    mine = layout.microbatches_of(role, total)
+    last_of_batch = {
+        max(k for k in mine if k // per_batch == b) for b in {k // per_batch for k in mine}
+    }
+    if name == "2bw":
+        rule = _fixed({k: max(0, k // per_batch - 1) for k in mine})
+    elif name == "pipedream":
+        rule = _stashed()
+    else:
+        rule = _current
+    current, actions = 0, []
+    for action in _one_f_one_b_order(role.stage, mine, layout.warmup(role.stage)):
+        if action.kind == STEP:
+            continue
+        actions.append(rule(action, current))
+        steps_here = action.kind == BACKWARD and (
+            name != "2bw" or action.microbatch in last_of_batch
+        )
+        if steps_here:
+            current += 1
+            actions.append(Action(STEP, role.stage, None, current))
+    return tuple(actions)
 
 
 def gradient_reductions(schedule: Schedule, layout: Layout) -> dict[tuple[int, int], Hashable]:
@@ -195,20 +263,40 @@ def gradient_reductions(schedule: Schedule, layout: Layout) -> dict[tuple[int, i
 
 def validate_layout(schedule: Schedule, layout: Layout, dependencies: Dependencies) -> None:
     """Every microbatch runs forward then backward once on each stage, on the rank the layout
-    names, each rank ends with its step, and the ranks, replicas' all-reduces included, cannot
-    deadlock."""
+    names; a synchronous schedule ends each rank with its step, an asynchronous one never
+    computes with a version its rank has not made; and the ranks, replicas' all-reduces
+    included, cannot deadlock."""
     seen: Counter[Action] = Counter()
     for rank, actions in enumerate(schedule.actions):
         role = layout.role(rank)
-        expected = [
-            Action(kind, role.stage, k)
-            for kind in (FORWARD, BACKWARD)
-            for k in layout.microbatches_of(role, schedule.n_microbatches)
-        ]
+        mine = layout.microbatches_of(role, schedule.n_microbatches)
+        expected = [Action(kind, role.stage, k) for kind in (FORWARD, BACKWARD) for k in mine]
         computes = [a for a in actions if a.kind != STEP]
-        if sorted(map(str, computes)) != sorted(map(str, expected)) or actions[-1].kind != STEP:
-            raise ScheduleError(f"rank {rank} does not run exactly its microbatches, then a step")
+        if Counter(computes) != Counter(expected):
+            raise ScheduleError(f"rank {rank} does not run exactly its microbatches")
+        if schedule.microbatches_per_step is None and actions[-1].kind != STEP:
+            raise ScheduleError(f"rank {rank} does not end with a step")
+        _check_rank_order(rank, actions)
         seen.update(computes)
     if len(seen) != 2 * layout.n_stages * schedule.n_microbatches:
         raise ScheduleError("the ranks do not cover every microbatch of every stage")
     simulate(schedule, dependencies, gradient_reductions(schedule, layout))
+
+
+def _check_rank_order(rank: int, actions: Sequence[Action]) -> None:
+    """On one rank: each F before its B, and no compute with a version not yet made."""
+    forwards: set[int] = set()
+    steps = 0
+    for action in actions:
+        if action.kind == STEP:
+            steps += 1
+            continue
+        if action.version is not None and action.version > steps:
+            raise ScheduleError(
+                f"rank {rank}: {action} uses version {action.version} after only {steps} "
+                "steps: give the batch more microbatches (--microbatches)"
+            )
+        if action.kind == FORWARD:
+            forwards.add(action.microbatch)
+        elif action.microbatch not in forwards:
+            raise ScheduleError(f"rank {rank}: {action} comes before its forward")

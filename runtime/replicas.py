@@ -6,7 +6,9 @@ bucket while the backward runs, as DDP does. Two things differ from DDP's plain 
 
 - The gradients are summed, not averaged: every microbatch's loss already carries its share of
   the batch, so the sum over all replicas is the gradient of the batch's mean loss, the one a
-  single process training the original model computes.
+  single process training the original model computes. Schedules that step after every
+  backward (PipeDream's) average instead: each microbatch is a minibatch of its own there, and
+  the replicas' side-by-side microbatches make one larger one.
 - Which backward reduces is chosen at backward time, not at forward time: 1F1B runs forwards of
   later microbatches before the backwards of earlier ones, so the forwards all run without
   synchronisation and the reducer is armed just before the step's last backward (what
@@ -47,6 +49,13 @@ def _sum_gradients(group, bucket):  # type: ignore[no-untyped-def]
     return work.get_future().then(lambda done: done.value()[0])
 
 
+def _average_gradients(group, bucket):  # type: ignore[no-untyped-def]
+    """DDP communication hook: all-reduce a bucket of gradients as a mean over the group."""
+    size = dist.get_world_size(group)
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda done: done.value()[0].div_(size))
+
+
 def _no_buffer_sync() -> dict[str, bool]:
     """DDP's option to leave buffers alone in forward, by the name this torch knows."""
     parameters = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -59,7 +68,9 @@ class StageReplica:
     """A stage wrapped for its replicas: forwards without synchronisation, and a context in
     which a backward sums the accumulated gradients over the replicas."""
 
-    def __init__(self, stage: nn.Module, group: Any, device: torch.device) -> None:
+    def __init__(
+        self, stage: nn.Module, group: Any, device: torch.device, average: bool = False
+    ) -> None:
         self.group = group
         self.ddp = DistributedDataParallel(
             stage,
@@ -67,7 +78,7 @@ class StageReplica:
             process_group=group,
             **_no_buffer_sync(),
         )
-        self.ddp.register_comm_hook(group, _sum_gradients)
+        self.ddp.register_comm_hook(group, _average_gradients if average else _sum_gradients)
 
     def __call__(self, *args: torch.Tensor) -> Any:
         with self.ddp.no_sync():

@@ -51,6 +51,7 @@ from runtime.executor import (
 from runtime.schedule import (
     ASYNC_SCHEDULES,
     SCHEDULE_NAMES,
+    STEP,
     Schedule,
     ScheduleError,
     build_schedule,
@@ -187,6 +188,12 @@ def check_config(config: TrainConfig, pipeline: Mapping[str, Any]) -> None:
     if len(pipeline["model_outputs"]) < 1:
         raise RuntimeConfigError("the model has no outputs to compute a loss from")
     _check_schedule(config, len(pipeline["stages"]))
+    if config.dp > 1 and config.microbatches * config.dp > config.batch_size:
+        raise RuntimeConfigError(
+            f"--dp {config.dp} copies of --microbatches {config.microbatches} cut a batch into "
+            f"{config.microbatches * config.dp} microbatches, more than --batch_size "
+            f"{config.batch_size}: every microbatch needs a sample"
+        )
     check_data(whole_batches(config), pipeline)
 
 
@@ -288,7 +295,13 @@ def prepare(config: TrainConfig) -> ModuleType:
     n_stages = layout.n_stages
     try:
         if layout.replicated:
-            schedule = layout_schedule(config.schedule, layout, config.microbatches * config.dp)
+            if config.vertical_sync:
+                raise RuntimeConfigError(
+                    "--vertical_sync counts weight versions in steps of a stage, which "
+                    "replicated stages take at different rates: drop it, or run one rank per stage"
+                )
+            m = config.microbatches * config.dp
+            schedule = layout_schedule(config.schedule, layout, m, 2 * n_stages)
             validate_layout(schedule, layout, stage_dependencies(generated.PIPELINE))
         else:
             schedule = build_schedule(
@@ -303,7 +316,7 @@ def prepare(config: TrainConfig) -> ModuleType:
 def run_schedule(config: TrainConfig, layout: Layout, steps: int) -> Schedule:
     """The schedule of a run of ``steps`` batches: one action list per rank."""
     if layout.replicated:
-        return layout_schedule(config.schedule, layout, config.microbatches * config.dp)
+        return layout_schedule(config.schedule, layout, config.microbatches * config.dp, steps)
     return build_schedule(
         config.schedule, layout.n_stages, config.microbatches, steps, config.vertical_sync
     )
@@ -324,7 +337,12 @@ def _build_executor(
     groups = tied_groups(pipeline, layout, rank, stage)
     synchronize_tied(groups)
     replica_group = replica_groups(layout)[role.stage]
-    replica = StageReplica(stage, replica_group, device) if replica_group is not None else None
+    replica = None
+    if replica_group is not None:
+        # pipedream and stale step after every backward: replicas average their microbatches'
+        # gradients; otherwise each microbatch's loss carries its share and replicas sum
+        average = config.schedule in ASYNC_SCHEDULES and config.schedule != "2bw"
+        replica = StageReplica(stage, replica_group, device, average)
     optimizer = OPTIMIZERS[config.optimizer](list(stage.parameters()), config)
     channels = make_channels(pipeline, layout, separate=backend_for(device) == "nccl")
     comm = StageComm(pipeline, layout, rank, device, channels)
@@ -463,7 +481,7 @@ class StepLosses:
     batch, reported once every microbatch of the step has run its backward (in an asynchronous
     run, while the next step's are already in flight).
 
-    Where the last stage has replicas, each holds ``per_step`` of a step's microbatches; they
+    Where the last stage has replicas, each holds ``per_step(step)`` of a step's microbatches; they
     sum their parts (over ``group``, once all their backwards of the step have run, as in a
     synchronous schedule) and replica 0, the one with a ``reporter``, reports."""
 
@@ -473,7 +491,7 @@ class StepLosses:
         run_data: RunData,
         optimizer: torch.optim.Optimizer,
         since: float,
-        per_step: int | None = None,
+        per_step: Callable[[int], int] | None = None,
         group: Any = None,
         device: torch.device | None = None,
     ) -> None:
@@ -481,7 +499,7 @@ class StepLosses:
         self.run_data = run_data
         self.optimizer = optimizer
         self.since = since
-        self.per_step = run_data.m if per_step is None else per_step
+        self.per_step = (lambda step: run_data.m) if per_step is None else per_step
         self.group = group
         self.device = device
         self._sums: dict[int, float] = {}
@@ -493,7 +511,7 @@ class StepLosses:
         step = k // self.run_data.m
         self._sums[step] = self._sums.get(step, 0) + loss * self.run_data.share_of(k)
         self._counts[step] = self._counts.get(step, 0) + 1
-        if self._counts[step] < self.per_step:
+        if self._counts[step] < self.per_step(step):
             return
         del self._counts[step]
         total = self._sums.pop(step)
@@ -668,6 +686,17 @@ def _after_step(scheduler: Any, snapshots: EpochSnapshots | None) -> Callable[[]
     return after_step
 
 
+def _applied_per_step(schedule: Schedule, layout: Layout, stage: int, per_batch: int) -> int:
+    """Microbatches of the run whose gradients one step of ``stage`` applies: a batch's for a
+    synchronous schedule, ``microbatches_per_step`` for an asynchronous one, times the stage's
+    replicas where each replica steps after every backward (they step together)."""
+    if schedule.microbatches_per_step is None:
+        return per_batch
+    if schedule.microbatches_per_step == 1:
+        return layout.replicas[stage]
+    return schedule.microbatches_per_step
+
+
 def _snapshots(
     config: TrainConfig,
     executor: Executor,
@@ -681,12 +710,12 @@ def _snapshots(
     role = layout.role(executor.rank)
     if config.snapshot_dir is None or role.replica != 0:
         return None
-    m = config.microbatches
+    m = config.microbatches * config.dp
     return EpochSnapshots(
         config.snapshot_dir,
         executor.stage,
         role.stage,
-        per_step=schedule.microbatches_per_step or m,
+        per_step=_applied_per_step(schedule, layout, role.stage, m),
         per_epoch=data.steps_per_epoch * m,
         total=steps.stop * m,
         applied=steps.start * m,
@@ -694,9 +723,9 @@ def _snapshots(
 
 
 def _step_losses(
-    config: TrainConfig,
     executor: Executor,
     layout: Layout,
+    schedule: Schedule,
     run_data: RunData,
     reporter: Reporter | None,
     since: float,
@@ -707,7 +736,15 @@ def _step_losses(
         return None
     if executor.replica is None:
         return StepLosses(reporter, run_data, executor.optimizer, since)
-    mine = len(layout.microbatches_of(role, run_data.m))
+    m, replicas = run_data.m, layout.replicas[role.stage]
+
+    def mine(step: int) -> int:
+        """This replica's microbatches in ``step``: a step's own numbering in a synchronous
+        run, the run's in an asynchronous one."""
+        first = 0 if synchronous else step * m
+        return sum(k % replicas == role.replica for k in range(first, first + m))
+
+    synchronous = schedule.microbatches_per_step is None
     group, device = executor.replica.group, executor.comm.device
     return StepLosses(reporter, run_data, executor.optimizer, since, mine, group, device)
 
@@ -726,6 +763,8 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
     m = config.microbatches * config.dp
     schedule = run_schedule(config, layout, total)
     updates = optimizer_steps(schedule, total)
+    if layout.replicated and schedule.microbatches_per_step is not None:
+        updates = sum(action.kind == STEP for action in schedule.actions[rank])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         executor.optimizer,
         lambda step: lr_factor(config.lr_schedule, step, updates, config.warmup_steps),
@@ -748,7 +787,7 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
     if trace is not None:
         dist.barrier()
     origin = time.perf_counter()
-    losses = _step_losses(config, executor, layout, run_data, reporter, origin)
+    losses = _step_losses(executor, layout, schedule, run_data, reporter, origin)
     snapshots = _snapshots(config, executor, layout, schedule, data, range(start, total))
     after_step = _after_step(scheduler, snapshots)
     actions = schedule.actions[rank]

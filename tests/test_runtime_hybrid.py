@@ -163,6 +163,32 @@ def test_a_three_plus_one_plan_trains_like_the_original(skip_mlp: tuple[Path, di
     assert "stage 0: ranks 0, 1, 2 (replicas 0-2)\nstage 1: rank 3" in stdout
 
 
+@pytest.mark.parametrize("schedule", ["pipedream", "2bw"])
+def test_an_asynchronous_grid_trains_like_one_pipeline_on_whole_microbatches(
+    skip_mlp: tuple[Path, dict], schedule: str
+) -> None:
+    """Two copies each running half of every microbatch, their gradients averaged (pipedream)
+    or summed with the batch shares (2bw), step as one pipeline running whole microbatches:
+    the same weight versions, the same updates."""
+    folder, _ = skip_mlp
+    flags = ("--microbatches", "2", "--schedule", schedule)
+    grid, grid_out = _train(folder, folder / "skip.py", 4, "--dp", "2", *flags)
+    single, single_out = _train(folder, folder / "skip.py", 2, *flags)
+    difference = _max_difference(grid, single)
+    print(f"skip MLP, {schedule}, p=2 x dp=2 vs p=2: max parameter difference {difference:.3g}")
+    losses = [[line.split()[3] for line in out.splitlines() if line.startswith("step ")]
+              for out in (grid_out, single_out)]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == STEPS
+
+
+def test_pipedream_runs_an_uneven_plan(skip_mlp: tuple[Path, dict]) -> None:
+    folder, _ = skip_mlp
+    planned = _with_replicas(folder / "skip.py", folder / "skip_3_1_async.py", [3, 1])
+    trained, stdout = _train(folder, planned, 4, "--microbatches", "3", "--schedule", "pipedream")
+    assert "trained 3 steps" in stdout
+    assert all(torch.isfinite(value).all() for value in trained.values())
+
+
 def test_tied_weights_across_replicated_stages(tmp_path: Path) -> None:
     task = zoo_task("nlp", "gpt2_tiny", 2)
     inputs = (task.example_inputs["input_ids"][:4],)
@@ -233,7 +259,8 @@ def _prepare_only(*flags: str, world_size: int) -> subprocess.CompletedProcess:
         (["--dp", "2"], 2, "run by 4 processes (ranks per stage: 2, 2 with --dp 2) but the world"),
         (["--dp", "0"], 2, "--dp must be at least 1"),
         (["--dp", "3", "--microbatches", "1", "--batch_size", "2"], 6, "--batch_size 2"),
-        (["--dp", "2", "--schedule", "pipedream"], 4, "does not run replicated stages yet"),
+        (["--dp", "2", "--schedule", "pipeoptim"], 4, "does not run replicated stages"),
+        (["--dp", "2", "--schedule", "pipedream", "--vertical_sync"], 4, "--vertical_sync"),
     ],
 )
 def test_layout_errors_are_one_line(
@@ -244,3 +271,12 @@ def test_layout_errors_are_one_line(
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("runtime: error:")
     assert message in result.stderr
+
+
+def test_pipedream_needs_microbatches_the_replicas_can_share(skip_mlp: tuple[Path, dict]) -> None:
+    folder, _ = skip_mlp
+    planned = _with_replicas(folder / "skip.py", folder / "skip_3_1_uneven.py", [3, 1])
+    flags = ("--model", str(planned), "--schedule", "pipedream", "--microbatches", "4")
+    result = _prepare_only(*flags, world_size=4)
+    assert result.returncode == 2, result.stderr
+    assert "must divide among them" in result.stderr and "multiple of 3" in result.stderr
