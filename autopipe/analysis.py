@@ -3,14 +3,16 @@
 Everything here is derived from ``autopipe.cost``: per-stage times and memory for one batch,
 and for the synchronous schedules (GPipe, 1F1B) the time per batch of m microbatches,
 (m - 1) * slowest + sum of all stages (fill, steady state, drain), with the stage times of
-one microbatch. Both schedules take the same time; they differ in memory.
+one microbatch. Both schedules take the same time; they differ in memory. On a hierarchical
+machine each stage's transfers and all-reduce are priced at the links it crosses
+(``autopipe.cost.stage_links``, as the pipedream method prices them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from autopipe.cost import CostModel, StageCost, replicated_ms, stage_memory
+from autopipe.cost import CostModel, StageCost, StageLinks, replicated_ms, stage_memory
 
 _MB = 1e6
 _GB = 1e9
@@ -31,6 +33,8 @@ class Analysis:
 
     costs: list[StageCost]
     replicas: tuple[int, ...]
+    links: list[StageLinks]
+    """The links each stage's transfers cross; its costs' comm_ms is priced at them."""
     stage_ms: list[float]
     """Each stage's time per batch, replicas and their all-reduce included."""
     lower_bound_ms: float
@@ -44,6 +48,11 @@ class Analysis:
         return max(self.stage_ms)
 
     @property
+    def links_differ(self) -> bool:
+        """Whether stages send over links of different speeds (then the table names them)."""
+        return len({link.send for link in self.links[:-1]}) > 1
+
+    @property
     def bound_ratio(self) -> float:
         """The slowest stage over the lower bound max(total / p, costliest node); 1.0 is ideal."""
         return self.slowest_ms / self.lower_bound_ms if self.lower_bound_ms > 0 else 1.0
@@ -51,15 +60,21 @@ class Analysis:
     def table(self) -> str:
         """The analysis as plain text, for the terminal and the generated file's docstring."""
         replicated = any(r > 1 for r in self.replicas)
+        linked = self.links_differ
         lines = [
             f"{'stage':>5} {'fwd ms':>9} {'bwd ms':>9} {'params MB':>10} {'in MB':>8} {'out MB':>8} "
-            f"{'comm ms':>8} {'memory GB':>10}" + (f" {'replicas':>8}" if replicated else "")
+            f"{'comm ms':>8} {'memory GB':>10}"
+            + (f" {'replicas':>8}" if replicated else "")
+            + (f" {'link GB/s':>9}" if linked else "")
         ]
         for index, (cost, replicas) in enumerate(zip(self.costs, self.replicas)):
+            link = f"{self.links[index].send:g}" if index < len(self.costs) - 1 else "-"
             lines.append(
                 f"{index:>5} {cost.forward_ms:>9.2f} {cost.backward_ms:>9.2f} {cost.param_bytes / _MB:>10.2f} "
                 f"{cost.input_bytes / _MB:>8.2f} {cost.send_bytes / _MB:>8.2f} {cost.comm_ms:>8.2f} "
-                f"{cost.memory_bytes / _GB:>10.3f}" + (f" {replicas:>8}" if replicated else "")
+                f"{cost.memory_bytes / _GB:>10.3f}"
+                + (f" {replicas:>8}" if replicated else "")
+                + (f" {link:>9}" if linked else "")
             )
         lines.append(
             f"slowest stage {self.slowest_ms:.2f} ms per batch, lower bound {self.lower_bound_ms:.2f} ms "
@@ -90,12 +105,21 @@ def analyse(
     lower_bound_ms: float,
     model: CostModel,
     batch_size: int | None,
+    links: list[StageLinks] | None = None,
 ) -> Analysis:
-    """Predict per-stage costs and GPipe / 1F1B time, throughput, speedup and peak memory."""
+    """Predict per-stage costs and GPipe / 1F1B time, throughput, speedup and peak memory.
+
+    ``costs`` have their transfers priced at ``links`` (``Partition.links``); replicas
+    all-reduce at each stage's ``reduce`` link. Without links, every link is the model's.
+    """
+    if links is None:
+        links = [StageLinks(model.bandwidth, model.bandwidth) for _ in costs]
     single = sum(c.compute_ms for c in costs)
     stage_ms = [
-        replicated_ms(c.compute_ms, c.comm_ms, c.param_bytes, r, model)
-        for c, r in zip(costs, replicas)
+        replicated_ms(
+            c.compute_ms, c.comm_ms, c.param_bytes, r, replace(model, bandwidth=link.reduce)
+        )
+        for c, r, link in zip(costs, replicas, links)
     ]
     estimates = []
     for schedule in ("gpipe", "1f1b"):
@@ -124,5 +148,13 @@ def analyse(
             )
         )
     return Analysis(
-        costs, replicas, stage_ms, lower_bound_ms, single, model.microbatches, batch_size, estimates
+        costs,
+        replicas,
+        list(links),
+        stage_ms,
+        lower_bound_ms,
+        single,
+        model.microbatches,
+        batch_size,
+        estimates,
     )

@@ -133,6 +133,7 @@ def compile(  # noqa: A001 - the public name the API promises
             lower_bound_ms(planned.coarse, sum(planned.replicas)),
             options.cost,
             batch_size,
+            planned.links,
         )
         if analysis
         else None
@@ -174,9 +175,18 @@ def _settings_line(profiling: ProfileSettings, options: PartitionOptions, batch:
     """What the analysis assumed, in one line."""
     where = profiling.device_spec if profiling.mode == "flops" else profiling.device
     return (
-        f"{profiling.mode} profile on {where}, batch {batch}, {options.cost.bandwidth:g} GB/s links, "
+        f"{profiling.mode} profile on {where}, batch {batch}, {_links_text(options)}, "
         f"{options.cost.microbatches} microbatches"
     )
+
+
+def _links_text(options: PartitionOptions) -> str:
+    """The link speeds the analysis assumed: one for all, or one per level of the machine."""
+    if not options.levels:
+        return f"{options.cost.bandwidth:g} GB/s links"
+    counts = " x ".join(str(level.count) for level in options.levels)
+    speeds = " / ".join(f"{level.bandwidth:g}" for level in options.levels)
+    return f"{counts} devices with {speeds} GB/s links per level (innermost first)"
 
 
 def _batch_size(traced: TraceResult) -> int | None:

@@ -10,6 +10,10 @@ pieces.
   of those outputs (bytes / bandwidth; a gradient only where the value requires one). A value
   sent to several later stages is counted once. A stage replicated r times (data parallel)
   shares its compute among the replicas and adds the all-reduce of its gradients.
+- links: on a hierarchical machine (``Level``s, innermost first) stage s runs on the devices
+  after those of the stages before it, devices numbered level by level. A stage's transfers
+  cross the link from its last device to the next stage's first, as PipeDream prices a cut,
+  and its replicas all-reduce over the slowest link among their devices (``stage_links``).
 - stage memory = weights and buffers + gradients + optimizer state + the activations of the
   microbatches in flight (their inputs and what the stage computes from them): GPipe keeps all
   m, 1F1B keeps min(p - s, m) on stage s. With recomputation a stage keeps only the inputs of the
@@ -18,7 +22,9 @@ pieces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Any
 
 import networkx as nx
@@ -67,6 +73,55 @@ class CostModel:
 
 
 @dataclass(frozen=True)
+class Level:
+    """One level of a hierarchical machine: how many units it groups, and their link speed."""
+
+    count: int
+    bandwidth: float
+    """GB/s between the units of this level."""
+
+
+def link_bandwidth(a: int, b: int, levels: Sequence[Level], default: float) -> float:
+    """GB/s of the link between devices ``a`` and ``b``: that of the outermost level whose units
+    tell them apart. Devices are numbered level by level, innermost first: with ``-n 8 2``,
+    devices 0-7 form server 0 and 8-15 server 1, so 7 and 8 talk over the level-2 link.
+    Without levels every link is ``default``."""
+    bandwidth, unit = default, 1
+    for level in levels:
+        if a // unit != b // unit:
+            bandwidth = level.bandwidth
+        unit *= level.count
+    return bandwidth
+
+
+@dataclass(frozen=True)
+class StageLinks:
+    """The links a stage's transfers cross, in GB/s."""
+
+    send: float
+    """Its values and their gradients: from its last device to the next stage's first."""
+    reduce: float
+    """Its replicas' gradient all-reduce: the slowest link among its devices."""
+
+
+def stage_links(first: int, replicas: int, levels: Sequence[Level], default: float) -> StageLinks:
+    """The links of a stage run on devices ``first`` .. ``first + replicas - 1``, the next stage
+    starting on the device after. Every value the stage sends, whichever later stage reads it,
+    is priced at the link after it, as PipeDream prices a cut."""
+    last = first + replicas - 1
+    inner = [link_bandwidth(d, d + 1, levels, default) for d in range(first, last)]
+    return StageLinks(link_bandwidth(last, last + 1, levels, default), min(inner, default=default))
+
+
+def pipeline_links(
+    replicas: Sequence[int], levels: Sequence[Level], default: float
+) -> list[StageLinks]:
+    """The links of every stage, stage s on the devices after those of the stages before it."""
+    firsts = accumulate(replicas, initial=0)
+    return [stage_links(first, r, levels, default) for first, r in zip(firsts, replicas)]
+
+
+@dataclass(frozen=True)
 class StageCost:
     """Time and memory of one stage, for one whole batch."""
 
@@ -110,9 +165,18 @@ def node_compute_ms(coarse: nx.DiGraph, node: int) -> float:
 
 
 def stage_costs(
-    coarse: nx.DiGraph, stage_of: dict[int, int], n_stages: int, model: CostModel
+    coarse: nx.DiGraph,
+    stage_of: dict[int, int],
+    n_stages: int,
+    model: CostModel,
+    send_bandwidth: Sequence[float] | None = None,
 ) -> list[StageCost]:
-    """The cost of every stage of an assignment of contracted nodes to stages."""
+    """The cost of every stage of an assignment of contracted nodes to stages; each stage's
+    transfers over a link of ``send_bandwidth[s]`` GB/s (default: the model's bandwidth)."""
+    links = [
+        model if send_bandwidth is None else replace(model, bandwidth=send_bandwidth[s])
+        for s in range(n_stages)
+    ]
     sums = [dict(forward=0.0, backward=0.0, params=0, state=0, acts=0) for _ in range(n_stages)]
     sends: list[dict[str, tuple[int, bool]]] = [{} for _ in range(n_stages)]
     receives: list[dict[str, int]] = [{} for _ in range(n_stages)]
@@ -140,7 +204,7 @@ def stage_costs(
             StageCost(
                 forward_ms=sums[s]["forward"],
                 backward_ms=sums[s]["backward"],
-                comm_ms=model.transfer_ms(send_bytes + grad_bytes),
+                comm_ms=links[s].transfer_ms(send_bytes + grad_bytes),
                 send_bytes=send_bytes,
                 grad_bytes=grad_bytes,
                 param_bytes=sums[s]["params"],

@@ -3,6 +3,8 @@
 python -m autopipe.partition vision --model wrn_28x10_c100_dr03_gn -p 4 -b 256 --crop 32
 python -m autopipe.partition nlp --model gpt2 -p 4 -b 8 --seq_len 512
 python -m autopipe.partition custom --task my_model.py:build -p 2 --sanity_check
+python -m autopipe.partition vision --model resnet_tiny --partitioning_method pipedream \
+    --stage_to_num_ranks 0:3,1:1
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from autopipe.profile import DEVICES
 from autopipe.tasks import DEFAULT_MODEL, FAMILIES, Task, custom_task, zoo_task
 from autopipe.verify import VerificationError
 
+DEFAULT_STAGES = 4
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -32,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     families = parser.add_subparsers(dest="family", required=True, metavar="{vision,nlp,custom}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-p", "--n_partitions", type=int, default=4, help="number of pipeline stages (default 4)"
+        "-p",
+        "--n_partitions",
+        type=int,
+        default=None,
+        help=f"number of pipeline stages (default {DEFAULT_STAGES}, or as many as "
+        "--stage_to_num_ranks lists, which -p must then equal)",
     )
     common.add_argument(
         "-b", "--batch_size", type=int, default=32, help="batch size to trace at (default 32)"
@@ -171,6 +180,14 @@ def _add_cost_flags(parser: argparse.ArgumentParser) -> None:
         help="pipedream: allow data-parallel replicas of a stage (-p is then the device count)",
     )
     methods.add_argument(
+        "--stage_to_num_ranks",
+        default=None,
+        metavar="S:R,...",
+        help="data-parallel ranks of every stage: 0:3,1:1 is 2 stages, stage 0 on 3 ranks and "
+        "stage 1 on 1; every stage from 0 up listed once. pipedream chooses the cut for these "
+        "replicas, the other methods cut that many stages and attach them",
+    )
+    methods.add_argument(
         "--server_file", default=None, help="pipedream: heterogeneous devices, SparsePipe format"
     )
     methods.add_argument(
@@ -192,17 +209,65 @@ def _add_cost_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def stage_ranks(spec: str) -> tuple[int, ...]:
+    """Replicas per stage from ``--stage_to_num_ranks``: "0:3,1:1" gives (3, 1)."""
+    ranks: dict[int, int] = {}
+    for item in spec.split(","):
+        fields = item.split(":")
+        if len(fields) != 2 or not all(field.strip().isdigit() for field in fields):
+            raise UserError(
+                f"--stage_to_num_ranks takes STAGE:RANKS pairs joined by commas, such as 0:3,1:1; "
+                f"got {spec!r}"
+            )
+        stage, count = int(fields[0]), int(fields[1])
+        if stage in ranks:
+            raise UserError(f"--stage_to_num_ranks lists stage {stage} twice")
+        if count < 1:
+            raise UserError(
+                f"--stage_to_num_ranks: stage {stage} has {count} ranks; every stage needs at least 1"
+            )
+        ranks[stage] = count
+    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+    if missing:
+        raise UserError(
+            f"--stage_to_num_ranks must list every stage from 0 to {max(ranks)}; "
+            f"stage {missing[0]} is missing"
+        )
+    return tuple(ranks[s] for s in range(len(ranks)))
+
+
 def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
     """The number of stages asked for, and the partitioner's options, from the flags."""
     levels: tuple[Level, ...] = ()
-    n_stages = args.n_partitions
+    replicas = stage_ranks(args.stage_to_num_ranks) if args.stage_to_num_ranks else None
+    n_stages = DEFAULT_STAGES if args.n_partitions is None else args.n_partitions
+    if replicas is not None:
+        if args.replication:
+            raise UserError(
+                "--stage_to_num_ranks fixes the replicas that --replication would choose: "
+                "pass one of them"
+            )
+        if args.n_partitions is not None and args.n_partitions != len(replicas):
+            listed = f"{len(replicas)} stage" + ("s" if len(replicas) > 1 else "")
+            raise UserError(
+                f"-p is {args.n_partitions} but --stage_to_num_ranks lists {listed}: "
+                "-p counts stages, so leave it out or make it agree"
+            )
+        n_stages = len(replicas)
     if args.num_devices:
         if len(args.bw) != len(args.num_devices):
             raise UserError(
                 f"-n names {len(args.num_devices)} levels, --bw gives {len(args.bw)} bandwidths"
             )
         levels = tuple(Level(count, bw) for count, bw in zip(args.num_devices, args.bw))
-        n_stages = math.prod(args.num_devices)
+        machine_size = math.prod(args.num_devices)
+        if replicas is None:
+            n_stages = machine_size
+        elif sum(replicas) != machine_size:
+            raise UserError(
+                f"-n {' '.join(map(str, args.num_devices))} is {machine_size} devices but "
+                f"--stage_to_num_ranks uses {sum(replicas)} ranks"
+            )
     elif len(args.bw) != 1:
         raise UserError("several --bw values need -n, one device count per level")
     devices = ()
@@ -227,6 +292,7 @@ def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
         seed=seed,
         cost=cost,
         replication=args.replication,
+        replicas=replicas,
         levels=levels,
         devices=devices,
         metis_attempts=args.metis_attempts,

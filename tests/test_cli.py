@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from autopipe import partition as cli
+from autopipe.compiler import import_generated
 from conftest import REPO
 
 
@@ -165,6 +166,16 @@ def test_dot_writes_graphviz_and_svg(tmp_path: Path, capsys) -> None:
         (["--bw", "10", "20"], "several --bw values need -n"),
         (["-n", "2", "2", "--bw", "10"], "-n names 2 levels, --bw gives 1"),
         (["--microbatches", "0"], "--microbatches must be at least 1"),
+        (["--stage_to_num_ranks", "0:3"], "-p is 2 but --stage_to_num_ranks lists 1 stage"),
+        (["--stage_to_num_ranks", "0:0,1:1"], "stage 0 has 0 ranks; every stage needs at least 1"),
+        (["--stage_to_num_ranks", "0:2,2:1"], "every stage from 0 to 2; stage 1 is missing"),
+        (["--stage_to_num_ranks", "x"], "takes STAGE:RANKS pairs joined by commas"),
+        (["--stage_to_num_ranks", "0:1,0:2"], "lists stage 0 twice"),
+        (["--stage_to_num_ranks", "0:2,1:1", "--replication"], "pass one of them"),
+        (
+            ["--stage_to_num_ranks", "0:2,1:1", "-n", "2", "2", "--bw", "9", "1"],
+            "-n 2 2 is 4 devices but --stage_to_num_ranks uses 3 ranks",
+        ),
     ],
 )
 def test_cost_flag_mistakes_are_one_line(
@@ -175,3 +186,46 @@ def test_cost_flag_mistakes_are_one_line(
     )
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["pipedream", "acyclic", "metis", "params"])
+def test_stage_to_num_ranks_fixes_the_replicas_in_the_file(
+    method: str, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "ranked.py"
+    code, out, err = _run(
+        [
+            "vision",
+            "--model",
+            "vgg_tiny",
+            "-b",
+            "2",
+            "--partitioning_method",
+            method,
+            "--stage_to_num_ranks",
+            "0:3,1:1",
+            "-o",
+            str(output),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    pipeline = import_generated(output).PIPELINE
+    assert pipeline["n_stages"] == 2
+    assert [stage["replicas"] for stage in pipeline["stages"]] == [3, 1]
+    header, first, second = out.splitlines()[:3]
+    assert header.split()[-1] == "replicas"
+    assert first.split()[-1] == "3" and second.split()[-1] == "1"
+
+
+def test_a_hierarchical_machine_is_named_in_the_analysis(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "servers.py"
+    code, out, err = _run(
+        ["vision", "--model", "vgg_tiny", "-b", "2", "-n", "2", "2", "--bw", "300", "1"]
+        + ["-o", str(output)],
+        capsys,
+    )
+    assert code == 0, err
+    assert [row.split()[-1] for row in out.splitlines()[:5]] == ["GB/s", "300", "1", "300", "-"]
+    docstring = output.read_text().split('"""')[1]
+    assert "2 x 2 devices with 300 / 1 GB/s links per level (innermost first)" in docstring

@@ -2,10 +2,25 @@
 
 import networkx as nx
 import pytest
+import torch
+from torch import nn
 
+import autopipe
 from autopipe.analysis import analyse, pipeline_ms
-from autopipe.cost import CostModel, check_memory, lower_bound_ms, replicated_ms, stage_costs
+from autopipe.cost import (
+    CostModel,
+    Level,
+    StageLinks,
+    check_memory,
+    link_bandwidth,
+    lower_bound_ms,
+    pipeline_links,
+    replicated_ms,
+    stage_costs,
+)
 from autopipe.errors import UserError
+from autopipe.partitioning import PartitionOptions
+from autopipe.partitioning.pipedream import stage_times
 
 
 def _chain() -> nx.DiGraph:
@@ -101,3 +116,66 @@ def test_replicated_stage_shares_compute_and_pays_the_all_reduce() -> None:
     costs = stage_costs(_chain(), {0: 0, 1: 1, 2: 1}, 2, model)
     report = analyse(costs, (2, 1), 1.0, model, batch_size=None)
     assert report.stage_ms[0] == pytest.approx(replicated_ms(3.0, costs[0].comm_ms, 100, 2, model))
+
+
+SERVERS = (Level(2, 300.0), Level(2, 1.0))
+"""-n 2 2 --bw 300 1: two servers of two devices, 300 GB/s inside a server, 1 GB/s between."""
+
+
+def test_a_link_is_the_outermost_level_its_devices_differ_in() -> None:
+    assert link_bandwidth(0, 1, SERVERS, 300.0) == 300.0
+    assert link_bandwidth(1, 2, SERVERS, 300.0) == 1.0
+    assert link_bandwidth(2, 3, SERVERS, 300.0) == 300.0
+    assert link_bandwidth(0, 3, SERVERS, 300.0) == 1.0
+    racks = (Level(8, 300.0), Level(2, 25.0), Level(2, 5.0))
+    assert [link_bandwidth(d, d + 1, racks, 300.0) for d in (6, 7, 15, 23)] == [300, 25, 5, 25]
+    assert link_bandwidth(3, 9, (), 12.0) == 12.0
+
+
+def test_stages_take_the_devices_after_those_before_them() -> None:
+    assert pipeline_links((1, 1, 1, 1), SERVERS, 300.0)[:3] == [
+        StageLinks(300.0, 300.0),
+        StageLinks(1.0, 300.0),
+        StageLinks(300.0, 300.0),
+    ]
+    three_then_one = pipeline_links((3, 1), SERVERS, 300.0)
+    assert three_then_one[0] == StageLinks(send=300.0, reduce=1.0)
+    assert pipeline_links((1, 3), SERVERS, 300.0)[0].send == 300.0
+    assert pipeline_links((2, 2), SERVERS, 300.0)[0] == StageLinks(send=1.0, reduce=300.0)
+
+
+def test_analysis_prices_each_stage_at_the_link_it_crosses() -> None:
+    model = CostModel(bandwidth=300.0)
+    links = pipeline_links((2, 1), SERVERS, 300.0)
+    costs = stage_costs(_chain(), {0: 0, 1: 1, 2: 1}, 2, model, [link.send for link in links])
+    assert costs[0].comm_ms == pytest.approx(CostModel(bandwidth=1.0).transfer_ms(20_000))
+    report = analyse(costs, (2, 1), 1.0, model, batch_size=None, links=links)
+    assert report.stage_ms[0] == pytest.approx(
+        replicated_ms(3.0, costs[0].comm_ms, 100, 2, CostModel(bandwidth=300.0))
+    )
+
+
+def _wide_chain() -> tuple[nn.Module, torch.Tensor]:
+    """Eight equal layers whose activations take long enough to send to show in the table."""
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(256, 256), nn.ReLU()) for _ in range(8)]
+    return nn.Sequential(*layers), torch.randn(512, 256)
+
+
+@pytest.mark.parametrize("method", ["pipedream", "acyclic"])
+def test_the_stage_whose_cut_crosses_servers_pays_the_slow_link(method: str) -> None:
+    model, batch = _wide_chain()
+    options = PartitionOptions(cost=CostModel(bandwidth=300.0), levels=SERVERS)
+    result = autopipe.compile(model, (batch,), 4, method=method, write=False, options=options)
+    report = result.analysis
+    fast, slow = CostModel(bandwidth=300.0), CostModel(bandwidth=1.0)
+    for stage, (cost, link) in enumerate(zip(report.costs, [fast, slow, fast, fast])):
+        assert cost.send_bytes > 0 or stage == 3
+        assert cost.comm_ms == pytest.approx(link.transfer_ms(cost.send_bytes + cost.grad_bytes))
+    assert report.costs[1].comm_ms > 100 * report.costs[0].comm_ms
+    rows = report.table().splitlines()
+    assert rows[0].split()[-2:] == ["link", "GB/s"]
+    assert [row.split()[-1] for row in rows[1:5]] == ["300", "1", "300", "-"]
+    if method == "pipedream":
+        plan = autopipe.partitioning.Plan(result.partition.stage_of)
+        assert report.stage_ms == pytest.approx(stage_times(result.partition.coarse, plan, options))

@@ -4,14 +4,18 @@ determinism, quality against the lower bound, and the incremental cost model the
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import time
+from dataclasses import replace
 
 import networkx as nx
 import numpy as np
 import pytest
 
+import autopipe
 from autopipe.cost import CostModel, lower_bound_ms, stage_costs
+from autopipe.errors import UserError
 from autopipe.graph import build_graph, propagate_values
 from autopipe.partitioning import METHODS, PartitionOptions, expand, partition, validate
 from autopipe.partitioning.acyclic import (
@@ -21,6 +25,8 @@ from autopipe.partitioning.acyclic import (
     faster,
     index_graph,
     partition_acyclic,
+    refine,
+    stage_memories,
     stage_times,
 )
 from autopipe.partitioning.metis import (
@@ -32,6 +38,7 @@ from autopipe.partitioning.metis import (
     partition_metis,
 )
 from autopipe.partitioning.params import partition_by_params
+from autopipe.partitioning.pipedream import partition_pipedream
 from autopipe.tasks import zoo_task
 from autopipe.trace import trace
 
@@ -171,6 +178,17 @@ def multi_valued(n: int, seed: int) -> nx.DiGraph:
     )
 
 
+def with_weights(graph: nx.DiGraph, seed: int) -> nx.DiGraph:
+    """``graph`` with random parameter and state bytes on its nodes, so that stage memory
+    depends on which nodes a stage holds and not only on the values it receives."""
+    rng = random.Random(seed)
+    for node in graph.nodes:
+        params = rng.randrange(0, 4_000_000)
+        graph.nodes[node]["param_bytes"] = params
+        graph.nodes[node]["state_bytes"] = params + rng.randrange(0, 100_000)
+    return graph
+
+
 SHAPES = {
     "chain": chain,
     "diamonds": diamonds,
@@ -266,31 +284,47 @@ def _contiguous_stages(n: int, n_stages: int, rng: random.Random) -> list[int]:
 @pytest.mark.parametrize("seed", range(4))
 def test_stage_loads_agree_with_the_cost_model_move_by_move(seed: int) -> None:
     rng = random.Random(seed)
-    coarse = multi_valued(60, seed)
+    coarse = with_weights(multi_valued(60, seed), seed)
     nodes, graph = index_graph(coarse)
     n_stages = 4
     stages = _contiguous_stages(len(nodes), n_stages, rng)
-    loads = StageLoads(graph, stages, n_stages, MODEL)
+    start = stage_costs(coarse, dict(zip(nodes, stages)), n_stages, MODEL)
+    limit = float(sorted(c.memory_bytes for c in start)[n_stages // 2])
+    model = replace(MODEL, memory_limit=limit)
+    loads = StageLoads(graph, stages, n_stages, model)
+    forbidden = 0
     for _ in range(200):
         node, target = rng.randrange(len(nodes)), rng.randrange(n_stages)
-        if target == stages[node]:
+        source = stages[node]
+        if target == source or loads.clusters_in[source] == 1:
             continue
+        before = [m.total for m in loads.memory]
         priced = loads.price(node, target)
         loads.move(node, target)
         key = loads.key()
-        assert priced[1] == key[1] and priced[0] == pytest.approx(key[0], rel=1e-9, abs=1e-12)
-        expected = [
-            cost.time_ms for cost in stage_costs(coarse, dict(zip(nodes, stages)), n_stages, MODEL)
-        ]
+        costs = stage_costs(coarse, dict(zip(nodes, stages)), n_stages, model)
+        memory = [c.memory_bytes for c in costs]
+        assert [m.total for m in loads.memory] == memory
+        assert stage_memories(graph, stages, n_stages, model) == memory
+        assert key[0] == sum(m - limit for m in memory if m > limit)
+        raised = any(memory[s] > limit and memory[s] > before[s] for s in (source, target))
+        forbidden += raised
+        if raised:
+            assert priced[0] == math.inf
+        else:
+            assert priced[0] == key[0] and priced[2] == key[2]
+            assert priced[1] == pytest.approx(key[1], rel=1e-9, abs=1e-12)
+        expected = [cost.time_ms for cost in costs]
         assert loads.times == pytest.approx(expected, rel=1e-9, abs=1e-12)
         assert stage_times(graph, stages, n_stages, MODEL) == pytest.approx(
             expected, rel=1e-9, abs=1e-12
         )
+    assert forbidden > 0
 
 
 def test_coarse_levels_are_priced_as_their_members() -> None:
     rng = random.Random(5)
-    coarse = multi_valued(200, 5)
+    coarse = with_weights(multi_valued(200, 5), 5)
     nodes, finest = index_graph(coarse)
     levels = coarsen(finest, 2, seed=0)
     owner = np.arange(len(finest))
@@ -299,17 +333,21 @@ def test_coarse_levels_are_priced_as_their_members() -> None:
             _contiguous_stages(len(level), 3, rng) if len(level) > 3 else list(range(len(level)))
         )
         stage_of = {n: stages[owner[u]] for u, n in enumerate(nodes)}
-        expected = [cost.time_ms for cost in stage_costs(coarse, stage_of, 3, MODEL)]
+        costs = stage_costs(coarse, stage_of, 3, MODEL)
+        expected = [cost.time_ms for cost in costs]
         assert stage_times(level, stages, 3, MODEL) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert stage_memories(level, stages, 3, MODEL) == [cost.memory_bytes for cost in costs]
         if level.parent is not None:
             owner = level.parent[owner]
 
 
-def test_faster_orders_slowest_stage_first_then_bytes() -> None:
-    assert faster(((5.0, 1.0), 100), ((6.0, 0.0), 0))
-    assert faster(((6.0, 1.0), 100), ((6.0, 2.0), 0))
-    assert faster(((6.0, 2.0), 10), ((6.0, 2.0), 20))
-    assert not faster(((6.0, 2.0), 20), ((6.0, 2.0), 20))
+def test_faster_orders_memory_excess_first_then_slowest_stage_then_bytes() -> None:
+    assert faster((0, (5.0, 1.0), 100), (0, (6.0, 0.0), 0))
+    assert faster((0, (6.0, 1.0), 100), (0, (6.0, 2.0), 0))
+    assert faster((0, (6.0, 2.0), 10), (0, (6.0, 2.0), 20))
+    assert not faster((0, (6.0, 2.0), 20), (0, (6.0, 2.0), 20))
+    assert faster((10, (9.0, 9.0), 100), (20, (1.0, 1.0), 0))
+    assert not faster((math.inf, (1.0, 1.0), 0), (5, (9.0, 9.0), 100))
 
 
 # Quality ------------------------------------------------------------------------------------
@@ -367,6 +405,67 @@ def test_ten_thousand_nodes_stay_fast() -> None:
         assert all(stage_of[u] <= stage_of[v] for u, v in coarse.edges)
 
 
+# Memory limits ------------------------------------------------------------------------------
+
+LIMITED_SHAPES = {
+    "layered": lambda seed: layered(6, 5, seed=seed),
+    "random_dag": lambda seed: random_dag(60, 0.4, seed),
+    "multi_valued": lambda seed: multi_valued(60, seed),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(LIMITED_SHAPES))
+def test_acyclic_meets_a_memory_limit_that_its_contiguous_start_meets(shape: str) -> None:
+    checked = 0
+    for seed in range(6):
+        coarse = with_weights(LIMITED_SHAPES[shape](seed), seed)
+        n_stages = 3 + seed % 3
+        free = partition_acyclic(coarse, n_stages, PartitionOptions())
+        peak = max(c.memory_bytes for c in stage_costs(coarse, free, n_stages, MODEL))
+        model = replace(MODEL, memory_limit=0.97 * peak)
+        options = PartitionOptions(cost=model)
+        try:
+            start = partition_pipedream(coarse, n_stages, options).stage_of
+        except UserError:
+            continue
+        stage_of = partition_acyclic(coarse, n_stages, options)
+        costs = stage_costs(coarse, stage_of, n_stages, model)
+        assert max(c.memory_bytes for c in costs) <= model.memory_limit
+        assert max(c.time_ms for c in costs) <= slowest(coarse, start, n_stages) * (1 + 1e-9)
+        fine = fine_graph(coarse)
+        validate(fine, expand(fine, coarse, stage_of), n_stages)
+        assert sorted(set(stage_of.values())) == list(range(n_stages))
+        checked += 1
+    assert checked >= 4
+
+
+def test_refinement_brings_a_stage_under_the_limit_before_it_balances_time() -> None:
+    # four light nodes holding big weights, then four heavy nodes holding none: stage 0 must
+    # give up a weight-holding node to fit, though that slows the slowest stage, stage 1
+    coarse = contracted([1.0] * 4 + [10.0] * 4, [(i, i + 1) for i in range(7)])
+    for node in range(4):
+        coarse.nodes[node]["param_bytes"] = coarse.nodes[node]["state_bytes"] = 10**8
+    fitting = {n: int(n >= 3) for n in coarse.nodes}
+    limit = float(max(c.memory_bytes for c in stage_costs(coarse, fitting, 2, MODEL)))
+    model = replace(MODEL, memory_limit=limit)
+    nodes, graph = index_graph(coarse)
+    stages = [int(n >= 4) for n in nodes]
+    assert max(stage_memories(graph, stages, 2, model)) > limit
+    refine(graph, StageLoads(graph, stages, 2, model), 2)
+    assert max(stage_memories(graph, stages, 2, model)) <= limit
+    assert max(stage_times(graph, stages, 2, model)) > 40.0
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_memory_limit_no_stage_reaches_changes_nothing(shape: str) -> None:
+    coarse = with_weights(SHAPES[shape](), 0)
+    roomy = replace(MODEL, memory_limit=1e15)
+    for n_stages in range(2, 5):
+        assert partition_acyclic(
+            coarse, n_stages, PartitionOptions(seed=n_stages, cost=roomy)
+        ) == partition_acyclic(coarse, n_stages, PartitionOptions(seed=n_stages))
+
+
 # End to end ---------------------------------------------------------------------------------
 
 
@@ -390,3 +489,41 @@ def test_partition_a_zoo_model(resnet_tiny, method: str) -> None:
     assert max(c.time_ms for c in result.costs) <= 1.5 * lower_bound_ms(result.coarse, 3)
     again = partition(graph, traced.graph_module, 3, method, PartitionOptions())
     assert again.assignment == result.assignment
+
+
+UNLIMITED = {
+    ("vision", "resnet_tiny", 3): "00000110000001111111111111111222222222222222222222222222",
+    ("nlp", "gpt2_tiny", 4): (
+        "0000000000000000000000000000000000000011111122222222222222222222222222233333333333"
+    ),
+}
+"""Stage of every graph node (flops profile, batch 2), in graph order, as the partitioner gave
+them before refinement knew about memory limits."""
+
+
+@pytest.mark.parametrize("family, name, n_stages", sorted(UNLIMITED), ids=str)
+def test_without_a_memory_limit_zoo_partitions_are_unchanged(
+    family: str, name: str, n_stages: int
+) -> None:
+    task = zoo_task(family, name, 2)
+    result = autopipe.compile(
+        task.model, task.example_inputs, n_stages, write=False, analysis=False
+    )
+    stages = "".join(str(result.assignment[n]) for n in result.graph.nodes)
+    assert stages == UNLIMITED[family, name, n_stages]
+
+
+def test_a_zoo_model_meets_a_limit_below_its_unlimited_partition() -> None:
+    task = zoo_task("nlp", "bert_tiny", 2)
+    free = autopipe.compile(task.model, task.example_inputs, 3, write=False, analysis=False)
+    limit = 0.9 * max(c.memory_bytes for c in free.partition.costs)
+    limited = autopipe.compile(
+        task.model,
+        task.example_inputs,
+        3,
+        write=False,
+        analysis=False,
+        options=PartitionOptions(cost=CostModel(memory_limit=limit)),
+    )
+    assert max(c.memory_bytes for c in limited.partition.costs) <= limit
+    validate(limited.graph, limited.assignment, 3)

@@ -6,7 +6,14 @@ from torch import nn
 
 from autopipe.errors import UserError
 from autopipe.graph import build_graph, propagate_values
-from autopipe.partitioning import METHODS, InvalidPartition, partition, validate
+from autopipe.partitioning import (
+    METHODS,
+    InvalidPartition,
+    Level,
+    PartitionOptions,
+    partition,
+    validate,
+)
 from autopipe.trace import trace
 
 
@@ -76,3 +83,27 @@ def test_too_many_stages_and_unknown_methods_are_user_errors() -> None:
     with pytest.raises(UserError, match="choose from"):
         partition(graph, traced.graph_module, 2, "no-such-method")
     assert "params" in METHODS
+
+
+def test_fixed_replicas_go_with_every_method() -> None:
+    traced, graph = _setup(_chain([8] * 7), torch.randn(2, 8))
+    for method in METHODS:
+        result = partition(
+            graph, traced.graph_module, 3, method, PartitionOptions(replicas=(2, 1, 3))
+        )
+        assert result.n_stages == 3 and result.replicas == (2, 1, 3)
+        validate(graph, result.assignment, 3)
+
+
+def test_fixed_replicas_must_fit_the_stages_and_the_machine() -> None:
+    traced, graph = _setup(_chain([8] * 4), torch.randn(2, 8))
+    module = traced.graph_module
+    with pytest.raises(UserError, match="2 replica counts were given for 3 stages"):
+        partition(graph, module, 3, "params", PartitionOptions(replicas=(1, 1)))
+    with pytest.raises(UserError, match="at least one replica"):
+        partition(graph, module, 2, "acyclic", PartitionOptions(replicas=(0, 1)))
+    with pytest.raises(UserError, match="cannot be combined with --replication"):
+        partition(graph, module, 2, "acyclic", PartitionOptions(replicas=(1, 1), replication=True))
+    servers = (Level(2, 10.0), Level(2, 1.0))
+    with pytest.raises(UserError, match="2 x 2 = 4 devices but the replicas take 3"):
+        partition(graph, module, 2, "acyclic", PartitionOptions(replicas=(2, 1), levels=servers))

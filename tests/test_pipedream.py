@@ -193,6 +193,86 @@ def test_replication_matches_brute_force_and_uses_every_device() -> None:
             )
 
 
+def _fixed_brute_force(
+    graph: nx.DiGraph, replicas: tuple[int, ...], model: CostModel, links: list[tuple[float, float]]
+) -> float:
+    """Best bottleneck over contiguous splits with stage s on ``replicas[s]`` devices, by the
+    REFERENCE formula, with each stage's (send, all-reduce) bandwidths given in ``links``."""
+    best, count = math.inf, len(replicas)
+    for stage_of in _splits(graph.number_of_nodes(), count):
+        costs = stage_costs(graph, stage_of, count, model)
+        if model.memory_limit is not None and any(
+            c.memory_bytes > model.memory_limit for c in costs
+        ):
+            continue
+        times = [
+            c.compute_ms / m
+            + (c.send_bytes + c.grad_bytes) / (send * 1e9) * 1e3
+            + 4 * (m - 1) * c.param_bytes / m / (reduce * 1e9) * 1e3
+            for c, m, (send, reduce) in zip(costs, replicas, links)
+        ]
+        best = min(best, max(times))
+    return best
+
+
+@pytest.mark.parametrize("replicas", [(3, 1), (1, 2), (2, 1, 2), (1, 1, 3)])
+def test_fixed_replicas_match_brute_force(replicas: tuple[int, ...]) -> None:
+    for seed in range(6):
+        graph = _graph(7, seed, skip=0.3)
+        model = CostModel(bandwidth=50.0)
+        options = PartitionOptions(cost=model, replicas=replicas)
+        solution = solve_pipedream(graph, len(replicas), options)
+        assert solution.plan.replicas == replicas
+        _check_plan(graph, solution.plan, len(replicas))
+        expected = _fixed_brute_force(graph, replicas, model, [(50.0, 50.0)] * len(replicas))
+        assert solution.bottleneck_ms == pytest.approx(expected, rel=1e-12)
+        assert solution.bottleneck_ms == pytest.approx(
+            max(stage_times(graph, solution.plan, options)), rel=1e-12
+        )
+
+
+def test_fixed_replicas_respect_memory_and_the_machine_levels() -> None:
+    servers = (Level(2, 300.0), Level(2, 1.0))
+    # stage 0 on devices 0-2 all-reduces across the servers and sends within server 1
+    links = [(300.0, 1.0), (300.0, 300.0)]
+    checked = 0
+    for seed in range(8):
+        graph = _graph(7, seed, skip=0.3)
+        free = CostModel(bandwidth=300.0)
+        options = PartitionOptions(cost=free, replicas=(3, 1), levels=servers)
+        solution = solve_pipedream(graph, 2, options)
+        assert solution.bottleneck_ms == pytest.approx(
+            _fixed_brute_force(graph, (3, 1), free, links), rel=1e-12
+        )
+        peak = max(c.memory_bytes for c in stage_costs(graph, solution.plan.stage_of, 2, free))
+        limited = replace(free, memory_limit=peak - 1)
+        expected = _fixed_brute_force(graph, (3, 1), limited, links)
+        if math.isinf(expected):
+            with pytest.raises(UserError, match="no split into 2 stages on 4 devices fits"):
+                solve_pipedream(graph, 2, replace(options, cost=limited))
+            continue
+        fitted = solve_pipedream(graph, 2, replace(options, cost=limited))
+        assert fitted.bottleneck_ms == pytest.approx(expected, rel=1e-12)
+        checked += 1
+    assert checked >= 2
+
+
+def test_fixed_replicas_must_fit_the_stages() -> None:
+    graph = _graph(6, 0)
+    for replicas, message in (
+        ((2, 1), "2 replica counts were given for 3 stages"),
+        ((2, 0, 1), "at least one replica"),
+    ):
+        with pytest.raises(UserError, match=message):
+            partition_pipedream(graph, 3, PartitionOptions(replicas=replicas))
+    with pytest.raises(UserError, match="cannot be combined with --replication"):
+        partition_pipedream(graph, 2, PartitionOptions(replicas=(1, 1), replication=True))
+    with pytest.raises(UserError, match="2 x 2 = 4 devices but 3 ranks"):
+        partition_pipedream(
+            graph, 2, PartitionOptions(replicas=(2, 1), levels=(Level(2, 1.0), Level(2, 1.0)))
+        )
+
+
 def test_replication_beats_a_pipeline_when_one_layer_dominates() -> None:
     graph = _graph(6, 1, big_node=2)
     for r in graph.nodes:
@@ -305,6 +385,8 @@ def test_pruning_by_bounds_keeps_the_exact_optimum_and_its_ties() -> None:
             PartitionOptions(levels=levels),
             PartitionOptions(cost=CostModel(memory_limit=0.9 * peak)),
             PartitionOptions(replication=True, cost=CostModel(memory_limit=0.95 * peak)),
+            PartitionOptions(replicas=(1, 3, 1, 2)),
+            PartitionOptions(replicas=(2, 1, 1, 1), cost=CostModel(memory_limit=0.9 * peak)),
         ):
             exact = _solve_with(graph, 4, options, blocks=10**9, trials=())
             for blocks, trials in ((6, (1.3, 3.0)), (10**9, (1.01, 1.1))):

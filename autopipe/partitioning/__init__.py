@@ -7,15 +7,23 @@ result is expanded back to every fx node and validated before any code is genera
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
 import torch.fx as fx
 
-from autopipe.cost import StageCost, check_memory, stage_costs
+from autopipe.cost import StageCost, StageLinks, check_memory, pipeline_links, stage_costs
 from autopipe.errors import UserError
 from autopipe.graph import contract, placement_groups
-from autopipe.partitioning.base import DeviceGroup, Level, Method, PartitionOptions, Plan
+from autopipe.partitioning.base import (
+    DeviceGroup,
+    Level,
+    Method,
+    PartitionOptions,
+    Plan,
+    check_replicas,
+)
 from autopipe.partitioning.acyclic import partition_acyclic
 from autopipe.partitioning.metis import partition_metis
 from autopipe.partitioning.params import partition_by_params
@@ -47,13 +55,15 @@ __all__ = [
 
 @dataclass
 class Partition:
-    """The result of partitioning: stages of fine and contracted nodes, replicas and costs."""
+    """The result of partitioning: stages of fine and contracted nodes, replicas, the links
+    each stage's transfers cross, and costs (transfers priced at those links)."""
 
     assignment: dict[str, int]
     coarse: nx.DiGraph
     stage_of: dict[int, int]
     n_stages: int
     replicas: tuple[int, ...]
+    links: list[StageLinks]
     costs: list[StageCost]
 
 
@@ -70,8 +80,11 @@ def partition(
 ) -> Partition:
     """Assign every node of ``graph`` to a stage with ``method``; validate and cost the result.
 
+    With ``options.replicas`` (fixed replicas per stage) the methods that can (pipedream)
+    choose the cut for those replicas; the others cut ``n_stages`` stages and get them attached.
+
     Raises UserError when the request cannot be met (more stages than the graph has units,
-    a stage over the memory limit).
+    a stage over the memory limit, replicas that do not fit the stages or the machine).
     """
     if method not in METHODS:
         raise UserError(f"unknown partitioning method {method!r}; choose from {', '.join(METHODS)}")
@@ -83,16 +96,33 @@ def partition(
             f"the model has {len(groups)} units that can go to different stages; "
             f"{n_stages} stages is more than that: lower -p"
         )
+    _check_replicas(n_stages, options)
     coarse = contract(graph, groups)
     answer = METHODS[method](coarse, n_stages, options)
     plan = answer if isinstance(answer, Plan) else Plan(answer)
     stages = 1 + max(plan.stage_of.values())
-    replicas = plan.replicas or (1,) * stages
+    replicas = plan.replicas or options.replicas or (1,) * stages
     assignment = expand(graph, coarse, plan.stage_of)
     validate(graph, assignment, stages)
-    costs = stage_costs(coarse, plan.stage_of, stages, options.cost)
+    links = pipeline_links(replicas, options.levels, options.cost.bandwidth)
+    costs = stage_costs(coarse, plan.stage_of, stages, options.cost, [link.send for link in links])
     check_memory(costs, options.cost)
-    return Partition(assignment, coarse, dict(plan.stage_of), stages, tuple(replicas), costs)
+    return Partition(assignment, coarse, dict(plan.stage_of), stages, tuple(replicas), links, costs)
+
+
+def _check_replicas(n_stages: int, options: PartitionOptions) -> None:
+    """Fixed replicas must give every stage at least one (``check_replicas``) and, on a
+    hierarchical machine, take all of its devices."""
+    check_replicas(n_stages, options)
+    if options.replicas is None or not options.levels:
+        return
+    devices = math.prod(level.count for level in options.levels)
+    if sum(options.replicas) != devices:
+        counts = " x ".join(str(level.count) for level in options.levels)
+        raise UserError(
+            f"the machine has {counts} = {devices} devices but the replicas take "
+            f"{sum(options.replicas)}"
+        )
 
 
 def expand(graph: nx.DiGraph, coarse: nx.DiGraph, coarse_stage: dict[int, int]) -> dict[str, int]:

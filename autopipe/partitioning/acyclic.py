@@ -8,35 +8,45 @@ step here keeps all edges going to the same or a later stage:
    level by level until about ``10 * p`` nodes remain or merging stalls.
 2. Initial partition: cut a topological order of the coarsest graph into ``p`` contiguous runs
    with the smallest possible largest compute (a contiguous cut of a topological order is
-   acyclic).
+   acyclic). It balances compute alone; under a memory limit, step 3 first moves work out of
+   the stages over it.
 3. Uncoarsen: project the stages level by level onto finer nodes and, at each level, move
    single nodes to a neighbouring stage when all their predecessors sit in earlier-or-equal
    stages and all their successors in later-or-equal ones, and the move makes the pipeline
    faster: a lower slowest stage time from ``autopipe.cost`` (compute + communication), or the
    same slowest stage and a lower next slowest, and so on (so that work can flow towards a
    light stage through the stages in between), ties going to fewer bytes sent. No move
-   empties a stage.
-4. The finest graph's own contiguous cut, refined the same way, competes with the multilevel
-   result; the better one gets a last sweep that takes every move keeping the slowest stage
-   as fast while sending fewer bytes.
+   empties a stage. Under a memory limit (``CostModel.memory_limit``, stage memory from
+   ``autopipe.cost.stage_memory``) no move may raise a stage's memory above the limit, and the
+   bytes by which stages exceed it come first in the objective: a start within the limit stays
+   within it, and moves that bring an over-limit stage back under it win over faster ones.
+4. The finest graph's own contiguous cut and the optimal contiguous split (the PipeDream
+   program, which meets a memory limit whenever any contiguous split does), refined the same
+   way, compete with the multilevel result; the best by the same objective gets a last sweep
+   that takes every move keeping the slowest stage as fast, and no further over the limit,
+   while sending fewer bytes. The result thus meets a memory limit whenever a contiguous
+   split does.
 
 Stages may be non-contiguous in topological order. ``StageLoads`` prices moves incrementally;
-it computes the same times as ``autopipe.cost.stage_costs`` (the tests check that they agree).
+it computes the same times and memory as ``autopipe.cost.stage_costs`` (the tests check that
+they agree).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import NamedTuple
 
 import networkx as nx
 import numpy as np
 
-from autopipe.cost import CostModel
+from autopipe.cost import CostModel, stage_memory
 from autopipe.errors import UserError
 from autopipe.partitioning.base import PartitionOptions
 from autopipe.partitioning.pipedream import partition_pipedream
@@ -52,9 +62,14 @@ REFINE_PASSES = 8
 """Sweeps per level; each sweep after the first revisits only the neighbourhood of what moved."""
 RELATIVE_TOLERANCE = 1e-9
 """How much a stage time must drop for a move to count as faster (float noise aside)."""
+HELD_BYTES = ("state_bytes", "param_bytes", "activation_bytes")
+"""Node attributes that a stage's memory sums, in the order ``stage_memory`` takes them."""
 
-Key = tuple[tuple[float, ...], int]
-"""The objective: stage times slowest first, then the total bytes sent."""
+Key = tuple[float, tuple[float, ...], int]
+"""The objective: bytes over the memory limit summed over the stages (inf for a move that a
+limit forbids), then stage times slowest first, then the total bytes sent."""
+FORBIDDEN: Key = (math.inf, (), 0)
+"""The price of a move that would raise a stage's memory above the limit: never accepted."""
 
 
 # The graph at one level ---------------------------------------------------------------------
@@ -65,12 +80,15 @@ class Values:
     """The values that may cross between clusters, as flat arrays.
 
     Value x moves ``nbytes[x]`` bytes when cut (the value, plus its gradient when it requires
-    one); ``producer[x]`` makes it, and the pairs k with ``pair_value[k] == x`` (sorted by value)
+    one) and a stage that receives it holds ``received[x]`` bytes (the value alone);
+    ``producer[x]`` makes it, and the pairs k with ``pair_value[k] == x`` (sorted by value)
     name its consumers ``pair_consumer[k]``, never the producer itself. A value is sent when a
-    consumer sits in another stage than its producer, and then counts once.
+    consumer sits in another stage than its producer, and then counts once; every other stage
+    with a consumer receives it once.
     """
 
     nbytes: np.ndarray
+    received: np.ndarray
     producer: np.ndarray
     pair_value: np.ndarray
     pair_consumer: np.ndarray
@@ -85,7 +103,13 @@ class Values:
         keep = consumer != home[self.pair_value]
         value, consumer = np.divmod(np.unique(self.pair_value[keep] * size + consumer[keep]), size)
         kept, pair_value = np.unique(value, return_inverse=True)
-        return Values(self.nbytes[kept], home[kept], pair_value.astype(np.int64), consumer)
+        return Values(
+            self.nbytes[kept],
+            self.received[kept],
+            home[kept],
+            pair_value.astype(np.int64),
+            consumer,
+        )
 
 
 class ValueLists:
@@ -95,6 +119,7 @@ class ValueLists:
     def __init__(self, values: Values, n_clusters: int) -> None:
         clusters = np.arange(n_clusters + 1)
         self.nbytes = [int(b) for b in values.nbytes.tolist()]
+        self.received = [int(b) for b in values.received.tolist()]
         self.producer = values.producer.tolist()
         self._consumers = values.pair_consumer.tolist()
         self._consumers_at = np.searchsorted(values.pair_value, np.arange(len(values) + 1)).tolist()
@@ -126,6 +151,9 @@ class ClusterGraph:
 
     weight: np.ndarray
     """Compute (forward + backward ms) of each cluster."""
+    held: np.ndarray
+    """(3, clusters) state, parameter and activation bytes of each cluster, the byte counts
+    ``autopipe.cost.stage_memory`` sums over a stage."""
     source: np.ndarray
     target: np.ndarray
     edge_bytes: np.ndarray
@@ -139,6 +167,11 @@ class ClusterGraph:
     @cached_property
     def weights(self) -> list[float]:
         return self.weight.tolist()
+
+    @cached_property
+    def held_lists(self) -> list[list[int]]:
+        """Per cluster, its ``held`` bytes."""
+        return self.held.T.tolist()
 
     @cached_property
     def value_lists(self) -> ValueLists:
@@ -183,8 +216,12 @@ class ClusterGraph:
         pairs, where = np.unique(a[keep] * size + b[keep], return_inverse=True)
         nbytes = np.bincount(where, weights=self.edge_bytes[keep], minlength=len(pairs))
         source, target = np.divmod(pairs, size)
+        held = np.zeros((len(self.held), size), dtype=np.int64)
+        for row, counts in zip(held, self.held):
+            np.add.at(row, parent, counts)
         return ClusterGraph(
             np.bincount(parent, weights=self.weight, minlength=size),
+            held,
             source,
             target,
             np.rint(nbytes).astype(np.int64),
@@ -208,6 +245,9 @@ def index_graph(coarse: nx.DiGraph) -> tuple[list[int], ClusterGraph]:
     weight = np.array(
         [d.get("forward_ms", 0.0) + d.get("backward_ms", 0.0) for d in data], dtype=np.float64
     )
+    held = np.array(
+        [[int(d.get(name, 0)) for d in data] for name in HELD_BYTES], dtype=np.int64
+    ).reshape(len(HELD_BYTES), len(nodes))
     edges, values = [], {}
     for u, n in enumerate(nodes):
         produced = data[u].get("sends", {})
@@ -215,27 +255,30 @@ def index_graph(coarse: nx.DiGraph) -> tuple[list[int], ClusterGraph]:
             v = index[m]
             crossing = 0
             for name in edge.get("values", ()):
-                nbytes = _cut_bytes(*produced.get(name, (0, False)))
-                values.setdefault((u, name), (nbytes, []))[1].append(v)
-                crossing += nbytes
+                nbytes, requires_grad = produced.get(name, (0, False))
+                cut = _cut_bytes(nbytes, requires_grad)
+                values.setdefault((u, name), (cut, int(nbytes), []))[2].append(v)
+                crossing += cut
             edges.append((u, v, crossing))
     edges.sort()
     source, target, edge_bytes = (
         np.array(column, dtype=np.int64).reshape(-1)
         for column in (zip(*edges) if edges else ((), (), ()))
     )
-    return nodes, ClusterGraph(weight, source, target, edge_bytes, _values_table(values))
+    return nodes, ClusterGraph(weight, held, source, target, edge_bytes, _values_table(values))
 
 
-def _values_table(values: dict[tuple[int, str], tuple[int, list[int]]]) -> Values:
-    """Flat arrays from {(producer, name): (bytes, consumers)}, in insertion order."""
-    nbytes = np.array([b for b, _ in values.values()], dtype=np.int64)
+def _values_table(values: dict[tuple[int, str], tuple[int, int, list[int]]]) -> Values:
+    """Flat arrays from {(producer, name): (cut bytes, received bytes, consumers)}, in
+    insertion order."""
+    nbytes = np.array([b for b, _, _ in values.values()], dtype=np.int64)
+    received = np.array([r for _, r, _ in values.values()], dtype=np.int64)
     producer = np.array([u for u, _ in values], dtype=np.int64)
     pair_value = np.repeat(
-        np.arange(len(values), dtype=np.int64), [len(c) for _, c in values.values()]
+        np.arange(len(values), dtype=np.int64), [len(c) for _, _, c in values.values()]
     )
-    pair_consumer = np.array([v for _, c in values.values() for v in sorted(c)], dtype=np.int64)
-    return Values(nbytes, producer, pair_value, pair_consumer)
+    pair_consumer = np.array([v for _, _, c in values.values() for v in sorted(c)], dtype=np.int64)
+    return Values(nbytes, received, producer, pair_value, pair_consumer)
 
 
 def _cut_bytes(nbytes: int, requires_grad: bool) -> int:
@@ -284,10 +327,57 @@ def _times(compute: list[float], sends: list[int], model: CostModel) -> list[flo
     return [c + model.transfer_ms(s) for c, s in zip(compute, sends)]
 
 
+def stage_memories(
+    graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel
+) -> list[int]:
+    """Every stage's ``StageCost.memory_bytes``: what its clusters hold and the values it
+    receives from other stages (each once), priced by ``autopipe.cost.stage_memory``."""
+    parts = _memory_parts(graph, stages, n_stages)
+    return [stage_memory(*parts[s], s, n_stages, model) for s in range(n_stages)]
+
+
+def _memory_parts(graph: ClusterGraph, stages: list[int], n_stages: int) -> list[list[int]]:
+    """Per stage, the byte counts ``stage_memory`` takes: the ``HELD_BYTES`` of its clusters,
+    then the bytes of the values it receives."""
+    stage = np.asarray(stages, dtype=np.int64)
+    held = [np.bincount(stage, weights=row, minlength=n_stages) for row in graph.held]
+    values = graph.values
+    at = stage[values.pair_consumer]
+    away = at != stage[values.producer][values.pair_value]
+    value, receiver = np.divmod(np.unique(values.pair_value[away] * n_stages + at[away]), n_stages)
+    inputs = np.bincount(receiver, weights=values.received[value], minlength=n_stages)
+    return np.rint(np.vstack([*held, inputs])).astype(np.int64).T.tolist()
+
+
+def over_limit(memory: list[int], model: CostModel) -> int:
+    """Bytes by which the stages exceed the memory limit, summed; 0 without a limit."""
+    if model.memory_limit is None:
+        return 0
+    limit = math.floor(model.memory_limit)
+    return sum(m - limit for m in memory if m > limit)
+
+
 def objective(graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel) -> Key:
-    """Stage times slowest first, then the total bytes sent: smaller is better."""
+    """Bytes over the memory limit, then stage times slowest first, then the total bytes sent:
+    smaller is better."""
     compute, sends, _ = stage_totals(graph, stages, n_stages)
-    return tuple(sorted(_times(compute, sends, model), reverse=True)), sum(sends)
+    excess = (
+        over_limit(stage_memories(graph, stages, n_stages, model), model)
+        if model.memory_limit is not None
+        else 0
+    )
+    return excess, tuple(sorted(_times(compute, sends, model), reverse=True)), sum(sends)
+
+
+class StageMemory(NamedTuple):
+    """A stage's memory and what it is made of."""
+
+    held: list[int]
+    """State, parameter and activation bytes of its clusters (``HELD_BYTES``)."""
+    inputs: int
+    """Bytes of the values it receives from other stages, each once."""
+    total: int
+    """``autopipe.cost.stage_memory`` of the above."""
 
 
 class StageLoads:
@@ -297,26 +387,57 @@ class StageLoads:
     values c produces, and the values c consumes whose producer sits in a or b. A move is
     priced by re-checking exactly those, with per value the count of its consumers that sit
     in another stage than its producer.
+
+    Under a memory limit, the memory of stages a and b changes too: what c holds, and the
+    values a and b receive, known from per value the count of its consumers in each stage. A
+    move that would raise a stage's memory above the limit prices at infinite excess, so no
+    objective accepts it.
     """
 
     def __init__(
         self, graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel
     ) -> None:
-        self.graph, self.stage, self.model = graph, stages, model
+        self.graph, self.stage, self.model, self.n_stages = graph, stages, model, n_stages
         self.compute, self.sends, away = stage_totals(graph, stages, n_stages)
         self.away = away.tolist()
         self.times = [self._time(c, s) for c, s in zip(self.compute, self.sends)]
         self.clusters_in = np.bincount(
             np.asarray(stages, dtype=np.int64), minlength=n_stages
         ).tolist()
+        if model.memory_limit is not None:
+            self._count_memory()
+
+    def _count_memory(self) -> None:
+        """Start keeping every stage's ``StageMemory`` and, per value, how many of its
+        consumers sit in each stage."""
+        graph, n_stages = self.graph, self.n_stages
+        parts = _memory_parts(graph, self.stage, n_stages)
+        self.memory = [self._memory(s, parts[s][:-1], parts[s][-1]) for s in range(n_stages)]
+        at = np.asarray(self.stage, dtype=np.int64)[graph.values.pair_consumer]
+        pairs, counts = np.unique(graph.values.pair_value * n_stages + at, return_counts=True)
+        value, stage = np.divmod(pairs, n_stages)
+        self.consumers_in: list[dict[int, int]] = [{} for _ in range(len(graph.values))]
+        for x, s, count in zip(value.tolist(), stage.tolist(), counts.tolist()):
+            self.consumers_in[x][s] = count
 
     def _time(self, compute: float, sends: int) -> float:
         """A stage's time, as ``StageCost.time_ms``: compute plus sending values and gradients."""
         return compute + self.model.transfer_ms(sends)
 
+    def _memory(self, stage: int, held: list[int], inputs: int) -> StageMemory:
+        """A stage's memory, as ``StageCost.memory_bytes``, with what it is made of."""
+        return StageMemory(
+            held, inputs, stage_memory(*held, inputs, stage, self.n_stages, self.model)
+        )
+
     def key(self) -> Key:
         """The objective now."""
-        return tuple(sorted(self.times, reverse=True)), sum(self.sends)
+        excess = (
+            over_limit([m.total for m in self.memory], self.model)
+            if self.model.memory_limit is not None
+            else 0
+        )
+        return excess, tuple(sorted(self.times, reverse=True)), sum(self.sends)
 
     def _changes(self, cluster: int, target: int) -> tuple[int, int, list[tuple[int, int]]]:
         """If ``cluster`` moved to ``target``: the change in bytes sent by its stage and by the
@@ -344,19 +465,79 @@ class StageLoads:
                     delta_target += change
         return delta_source, delta_target, updates
 
+    def _input_changes(self, cluster: int, target: int) -> tuple[int, int]:
+        """If ``cluster`` moved to ``target``: the change in bytes received by its stage and
+        by the target stage. A stage receives a value when it holds a consumer but not the
+        producer."""
+        values, stage, consumers_in = self.graph.value_lists, self.stage, self.consumers_in
+        source = stage[cluster]
+        delta_source = delta_target = 0
+        for x in values.consumed_by(cluster):
+            home, count = stage[values.producer[x]], consumers_in[x]
+            if home != source and count[source] == 1:
+                delta_source -= values.received[x]
+            if home != target and target not in count:
+                delta_target += values.received[x]
+        for x in values.produced_by(cluster):
+            count = consumers_in[x]
+            if source in count:
+                delta_source += values.received[x]
+            if target in count:
+                delta_target -= values.received[x]
+        return delta_source, delta_target
+
+    def _memory_after(self, cluster: int, target: int) -> tuple[StageMemory, StageMemory]:
+        """If ``cluster`` moved to ``target``: the memory of its stage and of the target stage."""
+        source = self.stage[cluster]
+        delta_source, delta_target = self._input_changes(cluster, target)
+        own = self.graph.held_lists[cluster]
+        before_source, before_target = self.memory[source], self.memory[target]
+        return (
+            self._memory(
+                source,
+                [a - b for a, b in zip(before_source.held, own)],
+                before_source.inputs + delta_source,
+            ),
+            self._memory(
+                target,
+                [a + b for a, b in zip(before_target.held, own)],
+                before_target.inputs + delta_target,
+            ),
+        )
+
+    def _excess_after(self, cluster: int, target: int) -> float:
+        """Bytes over the limit after moving ``cluster`` to ``target``; inf if the move raises
+        a stage's memory above the limit."""
+        source, limit = self.stage[cluster], self.model.memory_limit
+        totals = [m.total for m in self.memory]
+        for s, after in zip((source, target), self._memory_after(cluster, target)):
+            if after.total > limit and after.total > totals[s]:
+                return math.inf
+            totals[s] = after.total
+        return over_limit(totals, self.model)
+
     def price(self, cluster: int, target: int) -> Key:
         """The objective ``key()`` would return after moving ``cluster`` to stage ``target``."""
         source = self.stage[cluster]
+        excess = self._excess_after(cluster, target) if self.model.memory_limit is not None else 0
+        if excess == math.inf:
+            return FORBIDDEN
         delta_source, delta_target, _ = self._changes(cluster, target)
         weight = self.graph.weights[cluster]
         times = list(self.times)
         times[source] = self._time(self.compute[source] - weight, self.sends[source] + delta_source)
         times[target] = self._time(self.compute[target] + weight, self.sends[target] + delta_target)
-        return tuple(sorted(times, reverse=True)), sum(self.sends) + delta_source + delta_target
+        return (
+            excess,
+            tuple(sorted(times, reverse=True)),
+            sum(self.sends) + delta_source + delta_target,
+        )
 
     def move(self, cluster: int, target: int) -> None:
         """Move ``cluster`` to stage ``target`` and update every total."""
         source = self.stage[cluster]
+        if self.model.memory_limit is not None:
+            self._move_memory(cluster, target)
         delta_source, delta_target, updates = self._changes(cluster, target)
         weight = self.graph.weights[cluster]
         self.stage[cluster] = target
@@ -370,6 +551,17 @@ class StageLoads:
         self.clusters_in[target] += 1
         for s in (source, target):
             self.times[s] = self._time(self.compute[s], self.sends[s])
+
+    def _move_memory(self, cluster: int, target: int) -> None:
+        """Update the memory totals for moving ``cluster`` to ``target`` (before it moves)."""
+        source = self.stage[cluster]
+        self.memory[source], self.memory[target] = self._memory_after(cluster, target)
+        for x in self.graph.value_lists.consumed_by(cluster):
+            count = self.consumers_in[x]
+            count[source] -= 1
+            if count[source] == 0:
+                del count[source]
+            count[target] = count.get(target, 0) + 1
 
 
 # Coarsening ---------------------------------------------------------------------------------
@@ -595,19 +787,26 @@ def initial_stages(graph: ClusterGraph, n_stages: int) -> list[int]:
 
 
 def faster(candidate: Key, current: Key) -> bool:
-    """A faster slowest stage; or as fast, and a faster next slowest, and so on; or all as
-    fast, and fewer bytes sent."""
-    for new, old in zip(candidate[0], current[0]):
+    """Fewer bytes over the memory limit; or as few, and a faster slowest stage; or as fast,
+    and a faster next slowest, and so on; or all as fast, and fewer bytes sent."""
+    if candidate[0] != current[0]:
+        return candidate[0] < current[0]
+    for new, old in zip(candidate[1], current[1]):
         if new < old - RELATIVE_TOLERANCE * abs(old):
             return True
         if new > old:
             return False
-    return candidate[1] < current[1]
+    return candidate[2] < current[2]
 
 
 def leaner(candidate: Key, current: Key) -> bool:
-    """A slowest stage no slower (float noise aside) and fewer bytes sent."""
-    return candidate[0][0] <= current[0][0] * (1 + RELATIVE_TOLERANCE) and candidate[1] < current[1]
+    """No more bytes over the memory limit, a slowest stage no slower (float noise aside) and
+    fewer bytes sent."""
+    return (
+        candidate[0] <= current[0]
+        and candidate[1][0] <= current[1][0] * (1 + RELATIVE_TOLERANCE)
+        and candidate[2] < current[2]
+    )
 
 
 def _targets(graph: ClusterGraph, stages: list[int], cluster: int, n_stages: int) -> list[int]:
@@ -698,7 +897,7 @@ def _best_contiguous(
 ) -> list[int] | None:
     """The optimal contiguous split of the cost model (the PipeDream program), as a start that
     refinement can only improve; None where no contiguous split fits in memory."""
-    plain = replace(options, replication=False, levels=(), devices=())
+    plain = replace(options, replication=False, replicas=None, levels=(), devices=())
     try:
         plan = partition_pipedream(coarse, n_stages, plain)
     except UserError:

@@ -14,16 +14,8 @@ from typing import Callable, Union
 
 import networkx as nx
 
-from autopipe.cost import CostModel
-
-
-@dataclass(frozen=True)
-class Level:
-    """One level of a hierarchical machine: how many units it groups, and their link speed."""
-
-    count: int
-    bandwidth: float
-    """GB/s between the units of this level."""
+from autopipe.cost import CostModel, Level
+from autopipe.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -45,6 +37,9 @@ class PartitionOptions:
     cost: CostModel = field(default_factory=CostModel)
     replication: bool = False
     """pipedream: allow data-parallel replicas of a stage (n_stages is then the device count)."""
+    replicas: tuple[int, ...] | None = None
+    """Data-parallel replicas of every stage, fixed by the user (``--stage_to_num_ranks``), one
+    per stage: pipedream chooses the cut for them, the other methods cut and attach them."""
     levels: tuple[Level, ...] = ()
     """pipedream: a hierarchical machine, innermost level first (``-n 8 2 --bw 300 25``)."""
     devices: tuple[DeviceGroup, ...] = ()
@@ -63,3 +58,19 @@ class Plan:
 
 
 Method = Callable[[nx.DiGraph, int, PartitionOptions], Union[dict[int, int], Plan]]
+
+
+def check_replicas(n_stages: int, options: PartitionOptions) -> None:
+    """Reject fixed replicas that do not give each of ``n_stages`` stages at least one, or that
+    come with ``replication`` (which chooses replicas itself)."""
+    fixed = options.replicas
+    if fixed is None:
+        return
+    if options.replication:
+        raise UserError(
+            "fixed replicas (--stage_to_num_ranks) cannot be combined with --replication"
+        )
+    if len(fixed) != n_stages:
+        raise UserError(f"{len(fixed)} replica counts were given for {n_stages} stages")
+    if min(fixed) < 1:
+        raise UserError(f"every stage needs at least one replica, got {list(fixed)}")

@@ -8,12 +8,15 @@ is infeasible. Optionally:
 
 - replication: a stage may run as m' data-parallel replicas; its time is then
   compute / m' + sends + 4 (m' - 1) P / (B m') (the all-reduce of its P parameter bytes);
+- fixed replicas (``options.replicas``, PipeDream's ``--stage_to_num_ranks``): stage s runs as
+  exactly ``replicas[s]`` replicas, timed the same way, and only the cut is chosen;
 - a hierarchical machine (``options.levels``, innermost first): stages are laid on the devices
   in order, so every cut has the bandwidth of the outermost level it crosses, and a stage's
   sends are priced at the link after it (as PipeDream prices a cut); replicas all-reduce at
-  their slowest link. Stage times compose by max, so solving the devices in order is exactly
-  PipeDream's level-by-level solve (a server's best inner split acting as one machine of the
-  outer level), done in one pass;
+  their slowest link (both from ``autopipe.cost.stage_links``, as the analysis prices them).
+  Stage times compose by max, so solving the devices in order is exactly PipeDream's
+  level-by-level solve (a server's best inner split acting as one machine of the outer
+  level), done in one pass;
 - heterogeneous devices (``options.devices``): stages are laid on the devices in order and a
   stage is timed on the slowest device type it is laid on; links use ``--bw`` (or the levels).
 
@@ -31,17 +34,25 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from itertools import pairwise
+from dataclasses import dataclass, field, replace
+from itertools import accumulate, pairwise
 from pathlib import Path
 from typing import NamedTuple
 
 import networkx as nx
 import numpy as np
 
-from autopipe.cost import CostModel, replicated_ms, stage_costs, stage_memory
+from autopipe.cost import (
+    CostModel,
+    Level,
+    StageLinks,
+    replicated_ms,
+    stage_costs,
+    stage_links,
+    stage_memory,
+)
 from autopipe.errors import UserError
-from autopipe.partitioning.base import DeviceGroup, PartitionOptions, Plan
+from autopipe.partitioning.base import DeviceGroup, PartitionOptions, Plan, check_replicas
 
 _SLACK = 1e-9
 """Relative tolerance on a bound, so rounding in prefix sums never prunes the optimum."""
@@ -143,24 +154,30 @@ class _RowKey(NamedTuple):
 
 @dataclass(frozen=True)
 class _Machine:
-    """The devices in pipeline order: each one's compute type and the link to the next."""
+    """The devices in pipeline order: each one's compute type, and the levels that set the
+    links between them (``autopipe.cost.stage_links``)."""
 
     types: tuple[int, ...]
-    links: tuple[float, ...]
+    levels: tuple[Level, ...]
     bandwidth: float
-    """Bandwidth used where no link follows (the last device sends nothing)."""
+    """Every link's bandwidth when there are no levels."""
+    _links: dict[tuple[int, int], StageLinks] = field(default_factory=dict, compare=False)
 
     @property
     def size(self) -> int:
         return len(self.types)
 
+    def links(self, first: int, replicas: int) -> StageLinks:
+        """The links of a stage on devices first .. first + replicas - 1."""
+        if (first, replicas) not in self._links:
+            self._links[first, replicas] = stage_links(first, replicas, self.levels, self.bandwidth)
+        return self._links[first, replicas]
+
     def key(self, first: int, replicas: int, following: int) -> _RowKey:
         """The row key of a stage on devices first .. first + replicas - 1."""
-        last = first + replicas - 1
-        send = self.links[last] if last < len(self.links) else self.bandwidth
-        reduce = min(self.links[first:last]) if replicas > 1 else 0.0
-        types = tuple(sorted(set(self.types[first : last + 1])))
-        return _RowKey(types, send, reduce, replicas, following)
+        links = self.links(first, replicas)
+        types = tuple(sorted(set(self.types[first : first + replicas])))
+        return _RowKey(types, links.send, links.reduce, replicas, following)
 
 
 class _Move(NamedTuple):
@@ -175,7 +192,9 @@ class _Problem:
     ``objective`` is "time" (the bottleneck) or "memory" (the largest stage memory, for error
     messages). A state is (devices left, stages left); stages left is tracked when memory
     counts, since it sets a stage's activations in flight, else it is 0 under replication and
-    equal to devices left without. The terminal state is (0, 0).
+    equal to devices left without. With fixed replicas the stages left set the devices left
+    and the next stage's replicas. The terminal state is (0, 0). ``n_stages`` is the number of
+    stages of every solution, None where replication chooses it.
     """
 
     def __init__(
@@ -183,8 +202,12 @@ class _Problem:
     ) -> None:
         self.order, self.machine, self.options, self.objective = order, machine, options, objective
         self.memory_counts = objective == "memory" or options.cost.memory_limit is not None
-        replication, p = options.replication, machine.size
-        if not replication:
+        replication, fixed, p = options.replication, options.replicas, machine.size
+        self.n_stages = len(fixed) if fixed else None if replication else p
+        if fixed:
+            left = list(accumulate(reversed(fixed), initial=0))
+            self.states = [(left[q], q) for q in range(len(fixed) + 1)]
+        elif not replication:
             self.states = [(0, 0)] + [(d, d) for d in range(1, p + 1)]
         elif self.memory_counts:
             self.states = [(0, 0)] + [(d, q) for d in range(1, p + 1) for q in range(1, d + 1)]
@@ -223,9 +246,14 @@ class _Problem:
         devices, stages = state
         if devices == 0:
             return []
-        most = devices - max(stages, 1) + 1 if self.options.replication else 1
+        if self.options.replicas:
+            counts: Sequence[int] = [self.options.replicas[-stages]]
+        elif self.options.replication:
+            counts = range(1, devices - max(stages, 1) + 2)
+        else:
+            counts = [1]
         moves = []
-        for m in range(1, most + 1):
+        for m in counts:
             successor = (devices - m, stages - 1 if stages else 0)
             if successor not in self.index:
                 continue
@@ -273,10 +301,10 @@ class _Problem:
         n, p = self.order.size, self.machine.size
         bands = [(n, n)]
         for devices, stages in self.states[1:]:
-            if self.options.replication:
+            if self.n_stages is None:
                 low, high = (0, 0) if devices == p else (1, n - max(stages, 1))
             else:
-                low, high = p - devices, n - devices
+                low, high = self.n_stages - stages, n - stages
             for lower, _, most in self.caps(bound):
                 low = max(low, int(np.searchsorted(lower, lower[n] - devices * most, side="left")))
                 high = min(
@@ -404,31 +432,26 @@ def _flatten(coarse: nx.DiGraph, groups: Sequence[DeviceGroup | None]) -> _Order
     )
 
 
-def _machine(n_stages: int, options: PartitionOptions) -> tuple[_Machine, list[DeviceGroup | None]]:
-    """The devices in order, their compute types, and the link bandwidth after each."""
+def _machine(
+    n_devices: int, options: PartitionOptions
+) -> tuple[_Machine, list[DeviceGroup | None]]:
+    """The devices in order, their compute types, and the levels that set their links."""
     groups: list[DeviceGroup | None] = list(options.devices) or [None]
     types = (
-        tuple(k for k, g in enumerate(options.devices) for _ in range(g.count)) or (0,) * n_stages
+        tuple(k for k, g in enumerate(options.devices) for _ in range(g.count)) or (0,) * n_devices
     )
-    if len(types) != n_stages:
+    asked = f"{n_devices} ranks" if options.replicas else f"{n_devices} stages"
+    if len(types) != n_devices:
+        hint = "" if options.replicas else f": set -p to {len(types)}"
         raise UserError(
-            f"the server file lists {len(types)} devices but {n_stages} were asked for: "
-            f"set -p to {len(types)}"
+            f"the server file lists {len(types)} devices but {asked} were asked for{hint}"
         )
-    links = [options.cost.bandwidth] * (n_stages - 1)
     if options.levels:
-        sizes = np.cumprod([1] + [level.count for level in options.levels])
-        if sizes[-1] != n_stages:
+        size = math.prod(level.count for level in options.levels)
+        if size != n_devices:
             counts = " x ".join(str(level.count) for level in options.levels)
-            raise UserError(
-                f"the machine has {counts} = {sizes[-1]} devices but {n_stages} stages were asked for"
-            )
-        for k in range(n_stages - 1):
-            crossed = max(
-                level for level in range(len(options.levels)) if (k + 1) % sizes[level] == 0
-            )
-            links[k] = options.levels[crossed].bandwidth
-    return _Machine(types, tuple(links), options.cost.bandwidth), groups
+            raise UserError(f"the machine has {counts} = {size} devices but {asked} were asked for")
+    return _Machine(types, tuple(options.levels), options.cost.bandwidth), groups
 
 
 # --- the dynamic program --------------------------------------------------------------------
@@ -668,7 +691,7 @@ def _stage_times(
 ) -> list[float]:
     """Every stage's time as the program defines it, priced by ``autopipe.cost.stage_costs``.
 
-    Sends use the bandwidth of the link after the stage's last device; inf marks a stage over
+    Transfers cross the stage's links (``autopipe.cost.stage_links``); inf marks a stage over
     the memory limit.
     """
     stage_of = {
@@ -676,26 +699,18 @@ def _stage_times(
         for s, (first, last, _) in enumerate(stages)
         for r in range(first, last + 1)
     }
-    base = stage_costs(coarse, stage_of, len(stages), options.cost)
-    priced: dict[float, list] = {options.cost.bandwidth: base}
-    times, device = [], 0
-    for s, (first, last, m) in enumerate(stages):
-        key = machine.key(device, m, 0)
-        device += m
-        if key.send_bandwidth not in priced:
-            priced[key.send_bandwidth] = stage_costs(
-                coarse, stage_of, len(stages), replace(options.cost, bandwidth=key.send_bandwidth)
-            )
+    devices = list(accumulate((m for _, _, m in stages), initial=0))
+    links = [machine.links(device, m) for device, (_, _, m) in zip(devices, stages)]
+    costs = stage_costs(coarse, stage_of, len(stages), options.cost, [link.send for link in links])
+    limit, times = options.cost.memory_limit, []
+    for (first, last, m), device, link, cost in zip(stages, devices, links, costs):
+        compute = cost.compute_ms
         if options.devices:
-            compute = max(float(order.node_ms[t, first : last + 1].sum()) for t in key.types)
-        else:
-            compute = base[s].compute_ms
-        reduce = replace(options.cost, bandwidth=key.reduce_bandwidth) if m > 1 else options.cost
-        time = replicated_ms(
-            compute, priced[key.send_bandwidth][s].comm_ms, base[s].param_bytes, m, reduce
-        )
-        limit = options.cost.memory_limit
-        times.append(math.inf if limit is not None and base[s].memory_bytes > limit else time)
+            types = machine.key(device, m, 0).types
+            compute = max(float(order.node_ms[t, first : last + 1].sum()) for t in types)
+        reduce = replace(options.cost, bandwidth=link.reduce)
+        time = replicated_ms(compute, cost.comm_ms, cost.param_bytes, m, reduce)
+        times.append(math.inf if limit is not None and cost.memory_bytes > limit else time)
     return times
 
 
@@ -714,13 +729,14 @@ def stage_times(coarse: nx.DiGraph, plan: Plan, options: PartitionOptions) -> li
     return _stage_times(coarse, order, machine, stages, options)
 
 
-def _plan(order: _Order, stages: list[tuple[int, int, int]], replication: bool) -> Plan:
+def _plan(order: _Order, stages: list[tuple[int, int, int]], options: PartitionOptions) -> Plan:
     stage_of = {
         order.nodes[r]: s
         for s, (first, last, _) in enumerate(stages)
         for r in range(first, last + 1)
     }
-    return Plan(stage_of, tuple(m for _, _, m in stages) if replication else None)
+    replicated = options.replication or options.replicas is not None
+    return Plan(stage_of, tuple(m for _, _, m in stages) if replicated else None)
 
 
 def _trials(problem: _Problem) -> list[float]:
@@ -745,7 +761,7 @@ def _evaluate(problem: _Problem, coarse: nx.DiGraph, stages: list[tuple[int, int
     order, machine, options = problem.order, problem.machine, problem.options
     if problem.objective == "time":
         return max(_stage_times(coarse, order, machine, stages, options))
-    stage_of = _plan(order, stages, options.replication).stage_of
+    stage_of = _plan(order, stages, options).stage_of
     return (
         max(c.memory_bytes for c in stage_costs(coarse, stage_of, len(stages), options.cost)) + 2.0
     )
@@ -756,7 +772,8 @@ def _guess(problem: _Problem, coarse: nx.DiGraph) -> float:
     nodes, solved on the merged order and priced exactly; inf when there is none."""
     order, machine, options = problem.order, problem.machine, problem.options
     stride = math.ceil(order.size / _GUESS_BLOCKS)
-    if stride == 1 or (not options.replication and math.ceil(order.size / stride) < machine.size):
+    stages = problem.n_stages
+    if stride == 1 or (stages is not None and math.ceil(order.size / stride) < stages):
         return math.inf
     merged = _Problem(order.blocks(stride), machine, options, problem.objective)
     answer = _search(merged, _trials(merged))
@@ -781,7 +798,7 @@ def _least_memory(
     problem = _Problem(order, machine, options, "memory")
     answer = _optimum(problem, _guess(problem, coarse))
     assert answer is not None
-    stage_of = _plan(order, answer.stages, options.replication).stage_of
+    stage_of = _plan(order, answer.stages, options).stage_of
     costs = stage_costs(coarse, stage_of, len(answer.stages), options.cost)
     return answer.stages, max(c.memory_bytes for c in costs)
 
@@ -803,6 +820,8 @@ def _no_fit(problem: _Problem, needed: int) -> UserError:
     """The error for a memory limit below what the least-memory partition needs."""
     p, limit = problem.machine.size, problem.options.cost.memory_limit or 0.0
     split = f"over {p} devices" if problem.options.replication else f"into {p} stages"
+    if problem.options.replicas:
+        split = f"into {problem.n_stages} stages on {p} devices"
     have, need = _gigabytes(limit, needed)
     return UserError(
         f"no split {split} fits in {have} GB: the best needs {need} GB per device; "
@@ -827,21 +846,28 @@ def solve_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
     """
     if n_stages < 1:
         raise UserError(f"the number of stages must be at least 1, got {n_stages}")
-    machine, groups = _machine(n_stages, options)
+    machine, groups = _machine(_devices(n_stages, options), options)
     order = _flatten(coarse, groups)
     if order.size == 0:
         raise UserError("the graph has no nodes to partition")
-    if not options.replication and order.size < machine.size:
+    if not options.replication and order.size < n_stages:
         raise UserError(
             f"the model has {order.size} units that can go to different stages; "
-            f"{machine.size} stages is more than that: lower -p"
+            f"{n_stages} stages is more than that: lower -p"
         )
     problem = _Problem(order, machine, options, "time")
     answer = _optimum(problem, _time_bound(coarse, problem))
     if answer is None:
         raise _no_fit(problem, _least_memory(coarse, order, machine, options)[1])
     times = _stage_times(coarse, order, machine, answer.stages, options)
-    return Solution(_plan(order, answer.stages, options.replication), answer.value, tuple(times))
+    return Solution(_plan(order, answer.stages, options), answer.value, tuple(times))
+
+
+def _devices(n_stages: int, options: PartitionOptions) -> int:
+    """The devices the program lays stages on: one per stage, ``n_stages`` itself under
+    replication, or as many as fixed replicas take."""
+    check_replicas(n_stages, options)
+    return n_stages if options.replicas is None else sum(options.replicas)
 
 
 def partition_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> Plan:
