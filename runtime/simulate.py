@@ -798,7 +798,14 @@ def run(args: argparse.Namespace) -> str:
         trace = chrome_trace(timeline, label=f"predicted {timeline_title(timeline)}")
         Path(args.trace).write_text(json.dumps(trace) + "\n")
         written.append(f"wrote {args.trace}")
-    return "\n".join([report(timeline, costs, dependencies, args.microbatches), *written])
+    notes = []
+    replicas = [stage.get("replicas", 1) for stage in pipeline["stages"]]
+    if max(replicas) > 1:
+        notes.append(
+            f"note: the file plans {replicas} replicas per stage; this predicts one rank per "
+            "stage (the partitioner's analysis prices the replicas and their all-reduce)"
+        )
+    return "\n".join([report(timeline, costs, dependencies, args.microbatches), *written, *notes])
 
 
 def main(argv: list[str] | None = None) -> None:
