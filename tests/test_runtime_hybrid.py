@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 import autopipe
+from autopipe.partitioning import PartitionOptions
 from autopipe.tasks import zoo_task
 from conftest import REPO, launch
 from runtime.layout import (
@@ -105,11 +105,14 @@ def test_world_size_and_microbatch_checks() -> None:
     check_layout(Layout((3, 1)), 4, 3, 1)
 
 
-def _with_replicas(source: Path, target: Path, replicas: list[int]) -> Path:
-    """A copy of a generated file whose stages plan the given replicas."""
-    counts = iter(replicas)
-    text = re.sub(r'"replicas": 1,', lambda _: f'"replicas": {next(counts)},', source.read_text())
-    target.write_text(text)
+def _with_replicas(folder: Path, name: str, replicas: tuple[int, ...]) -> Path:
+    """SkipMLP (the weights of ``skip_mlp``) in len(replicas) stages whose plan gives each stage
+    its replicas, as ``--stage_to_num_ranks`` does."""
+    torch.manual_seed(0)
+    model, target = SkipMLP(), folder / name
+    options = PartitionOptions(replicas=replicas, seed=0)
+    autopipe.compile(model, (torch.randn(8, 8),), n_stages=len(replicas), output=target,
+                     options=options)  # fmt: skip
     return target
 
 
@@ -156,7 +159,7 @@ def test_two_stages_times_two_copies_train_like_the_original(
 
 def test_a_three_plus_one_plan_trains_like_the_original(skip_mlp: tuple[Path, dict]) -> None:
     folder, expected = skip_mlp
-    planned = _with_replicas(folder / "skip.py", folder / "skip_3_1.py", [3, 1])
+    planned = _with_replicas(folder, "skip_3_1.py", (3, 1))
     trained, stdout = _train(folder, planned, 4, "--microbatches", "3")
     difference = _max_difference(trained, expected)
     print(f"skip MLP, 3+1 replicas, 1f1b: max parameter difference {difference:.3g}")
@@ -183,7 +186,7 @@ def test_an_asynchronous_grid_trains_like_one_pipeline_on_whole_microbatches(
 
 def test_pipedream_runs_an_uneven_plan(skip_mlp: tuple[Path, dict]) -> None:
     folder, _ = skip_mlp
-    planned = _with_replicas(folder / "skip.py", folder / "skip_3_1_async.py", [3, 1])
+    planned = _with_replicas(folder, "skip_3_1_async.py", (3, 1))
     trained, stdout = _train(folder, planned, 4, "--microbatches", "3", "--schedule", "pipedream")
     assert "trained 3 steps" in stdout
     assert all(torch.isfinite(value).all() for value in trained.values())
@@ -275,7 +278,7 @@ def test_layout_errors_are_one_line(
 
 def test_pipedream_needs_microbatches_the_replicas_can_share(skip_mlp: tuple[Path, dict]) -> None:
     folder, _ = skip_mlp
-    planned = _with_replicas(folder / "skip.py", folder / "skip_3_1_uneven.py", [3, 1])
+    planned = _with_replicas(folder, "skip_3_1_uneven.py", (3, 1))
     flags = ("--model", str(planned), "--schedule", "pipedream", "--microbatches", "4")
     result = _prepare_only(*flags, world_size=4)
     assert result.returncode == 2, result.stderr
