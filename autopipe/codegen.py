@@ -464,7 +464,11 @@ def describe_pipeline(
     extra: dict[str, Any],
     partition: Partition,
 ) -> dict[str, Any]:
-    """The PIPELINE dict: inputs, outputs, stages with value specs, state and tied groups."""
+    """The PIPELINE dict: inputs, outputs, stages with value specs, state and tied groups.
+
+    Where a device runs several stages (wpipe), every stage also names its ``"device"`` and
+    the top level gives the number of ``"devices"``; other files do not have these keys.
+    """
     consumers: dict[str, list[int]] = {}
     producers: dict[str, int] = {}
     for plan in plans:
@@ -497,6 +501,11 @@ def describe_pipeline(
                 "parameters": [k for k, t in keys.items() if isinstance(t, nn.Parameter)],
                 "buffers": [k for k, t in keys.items() if not isinstance(t, nn.Parameter)],
                 "replicas": partition.replicas[plan.index],
+                **(
+                    {"device": partition.devices[plan.index]}
+                    if partition.devices is not None
+                    else {}
+                ),
                 "costs": _cost_entry(partition.costs[plan.index]),
             }
         )
@@ -510,6 +519,7 @@ def describe_pipeline(
         "model_outputs": list(graph.graph["outputs"]),
         "batch_dim": batch_dims[0] if batch_dims else 0,
         "n_stages": len(plans),
+        **({"devices": len(set(partition.devices))} if partition.devices is not None else {}),
         "stages": stages,
         "tied_parameters": tied,
         "state_keys": list(original),
@@ -548,6 +558,7 @@ def generate(
         imports=sorted(writer.imports.lines),
         stages=stages,
         pipeline=literal(pipeline, Imports()),
+        devices=pipeline.get("devices"),
         analysis=analysis,
     )
     try:

@@ -15,7 +15,7 @@ from torch import nn
 
 from autopipe.analysis import Analysis, analyse
 from autopipe.codegen import generate
-from autopipe.cost import lower_bound_ms
+from autopipe.cost import CostModel, lower_bound_ms
 from autopipe.errors import UserError
 from autopipe.graph import build_graph, propagate_values
 from autopipe.partitioning import DEFAULT_METHOD, Partition, PartitionOptions, partition
@@ -55,9 +55,12 @@ class CompileResult:
         return verify(self.model, self.example_inputs, self.module, seed=seed, rtol=rtol, atol=atol)
 
 
-def default_output(name: str, n_stages: int, method: str) -> Path:
-    """``generated_models/<name>_p<p>_<method>.py``, with the name made a valid module name."""
-    stem = re.sub(r"\W", "_", f"{name}_p{n_stages}_{method}")
+def default_output(name: str, n_stages: int, method: str, cost: CostModel = CostModel()) -> Path:
+    """``generated_models/<name>_p<p>_<method>.py``, with the name made a valid module name;
+    under wpipe p counts devices and the name says so: ``<name>_p<p>_wpipe_<method>.py``."""
+    devices = n_stages // cost.stages_per_device
+    schedule = "_wpipe" if cost.schedule == "wpipe" else ""
+    stem = re.sub(r"\W", "_", f"{name}_p{devices}{schedule}_{method}")
     return GENERATED_DIR / f"{stem}.py"
 
 
@@ -116,6 +119,10 @@ def compile(  # noqa: A001 - the public name the API promises
     produced the file; by default, this call. ``source`` says how to build the original model
     again (``{"family": ..., "model": ...}`` for the zoo, ``{"task": "FILE.py:NAME"}``), so the
     runtime can start from its initial weights; it is written into ``PIPELINE["source"]``.
+
+    With ``options.cost.schedule == "wpipe"`` the stages run two per device: ``n_stages`` is 2P
+    for P devices, stage s runs on device s mod P, and ``PIPELINE`` gives every stage its
+    ``"device"`` and the top level the number of ``"devices"``.
     """
     name = name or type(model).__name__
     options = options or PartitionOptions(seed=seed)
@@ -161,7 +168,9 @@ def compile(  # noqa: A001 - the public name the API promises
             else None
         ),
     )
-    path = Path(output) if output is not None else default_output(name, n_stages, method)
+    path = (
+        Path(output) if output is not None else default_output(name, n_stages, method, options.cost)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(generated.source)
     module = import_generated(path)
@@ -174,9 +183,15 @@ def compile(  # noqa: A001 - the public name the API promises
 def _settings_line(profiling: ProfileSettings, options: PartitionOptions, batch: int | None) -> str:
     """What the analysis assumed, in one line."""
     where = profiling.device_spec if profiling.mode == "flops" else profiling.device
+    cost = options.cost
+    layout = (
+        f", {cost.schedule} with {cost.stages_per_device} stages per device"
+        if cost.stages_per_device > 1
+        else ""
+    )
     return (
         f"{profiling.mode} profile on {where}, batch {batch}, {_links_text(options)}, "
-        f"{options.cost.microbatches} microbatches"
+        f"{cost.microbatches} microbatches{layout}"
     )
 
 

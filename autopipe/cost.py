@@ -18,6 +18,16 @@ pieces.
   microbatches in flight (their inputs and what the stage computes from them): GPipe keeps all
   m, 1F1B keeps min(p - s, m) on stage s. With recomputation a stage keeps only the inputs of the
   microbatches in flight, plus one microbatch's activations while it recomputes.
+- devices: every stage has its own device(s), except under WPipe (ICLR'22), whose 2P stages
+  form two groups of P: device d runs stage d of the first group and stage P + d of the second
+  (``stage_device``). The first group keeps 2 versions of its weights, as PipeDream-2BW does,
+  the second 1 (``CostModel.weight_versions``). For activations a WPipe stage s counts as a
+  1F1B stage of the 2P-stage pipeline would, min(2P - s, m) microbatches in flight: the
+  backward of a microbatch reaches stage s only after its forward and backward through the
+  2P - s - 1 stages downstream, and a stage holds at most the m microbatches of one batch.
+  This is an estimate, not WPipe's exact schedule (which moves the first group's next
+  forwards ahead of the second group's backwards). A device's memory is the sum of its
+  stages' (``device_totals``), and the memory limit applies to that sum.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import networkx as nx
 
 from autopipe.errors import UserError
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "wpipe")
 OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2, "adamw": 2}
 
 
@@ -65,11 +75,43 @@ class CostModel:
         """Milliseconds to move ``nbytes`` over one link."""
         return nbytes / (self.bandwidth * 1e9) * 1e3
 
+    @property
+    def stages_per_device(self) -> int:
+        """Stages one device runs: 2 under wpipe (one of each group), else 1."""
+        return 2 if self.schedule == "wpipe" else 1
+
     def in_flight(self, stage: int, n_stages: int) -> int:
         """Microbatches whose activations stage ``stage`` holds at once."""
         if self.schedule == "gpipe":
             return self.microbatches
         return min(n_stages - stage, self.microbatches)
+
+    def weight_versions(self, stage: int, n_stages: int) -> int:
+        """Copies of its weights stage ``stage`` keeps: 2 in wpipe's first group, else 1."""
+        if self.schedule == "wpipe" and stage < n_stages // 2:
+            return 2
+        return 1
+
+
+def stage_device(stage: int, n_stages: int, model: CostModel) -> int:
+    """The device that runs ``stage``: under wpipe stage s of 2P runs on device s mod P (device
+    d holds partition d of each group); otherwise stage s runs on device s."""
+    return stage % (n_stages // model.stages_per_device)
+
+
+def device_stages(n_stages: int, model: CostModel) -> list[tuple[int, ...]]:
+    """The stages each device runs, device by device."""
+    devices: list[tuple[int, ...]] = [() for _ in range(n_stages // model.stages_per_device)]
+    for stage in range(n_stages):
+        devices[stage_device(stage, n_stages, model)] += (stage,)
+    return devices
+
+
+def device_totals(per_stage: Sequence[Any], model: CostModel) -> list[Any]:
+    """A per-stage quantity (memory, time) summed over the stages of every device."""
+    if model.stages_per_device == 1:
+        return list(per_stage)
+    return [sum(per_stage[s] for s in stages) for stages in device_stages(len(per_stage), model)]
 
 
 @dataclass(frozen=True)
@@ -234,7 +276,8 @@ def stage_memory(
     n_stages: int,
     model: CostModel,
 ) -> int:
-    """Bytes one device needs for a stage: state, gradients, optimizer state, activations."""
+    """Bytes one device needs for a stage: state, the extra weight versions it keeps, gradients,
+    optimizer state, activations."""
     inputs = input_bytes / model.microbatches
     produced = activation_bytes / model.microbatches
     in_flight = model.in_flight(stage, n_stages)
@@ -242,7 +285,10 @@ def stage_memory(
         activations = in_flight * inputs + produced
     else:
         activations = in_flight * (inputs + produced)
-    return int(state_bytes + param_bytes * (1 + model.optimizer_slots) + activations)
+    extra_versions = model.weight_versions(stage, n_stages) - 1
+    return int(
+        state_bytes + param_bytes * (extra_versions + 1 + model.optimizer_slots) + activations
+    )
 
 
 def lower_bound_ms(coarse: nx.DiGraph, n_stages: int) -> float:
@@ -252,12 +298,19 @@ def lower_bound_ms(coarse: nx.DiGraph, n_stages: int) -> float:
 
 
 def check_memory(costs: list[StageCost], model: CostModel) -> None:
-    """Raise a UserError naming the first stage over the memory limit."""
+    """Raise a UserError naming the first device over the memory limit: its stage, or under
+    wpipe the device and its two stages, whose memory it sums."""
     if model.memory_limit is None:
         return
-    for index, cost in enumerate(costs):
-        if cost.memory_bytes > model.memory_limit:
+    needs = device_totals([cost.memory_bytes for cost in costs], model)
+    for device, (stages, need) in enumerate(zip(device_stages(len(costs), model), needs)):
+        if need > model.memory_limit:
+            where = (
+                f"stage {stages[0]}"
+                if len(stages) == 1
+                else f"device {device} (stages {' and '.join(map(str, stages))})"
+            )
             raise UserError(
-                f"stage {index} needs {cost.memory_bytes / 1e9:.2f} GB, the limit is "
+                f"{where} needs {need / 1e9:.2f} GB, the limit is "
                 f"{model.memory_limit / 1e9:.2f} GB: raise -p or --memory_limit"
             )

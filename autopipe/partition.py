@@ -5,6 +5,7 @@ python -m autopipe.partition nlp --model gpt2 -p 4 -b 8 --seq_len 512
 python -m autopipe.partition custom --task my_model.py:build -p 2 --sanity_check
 python -m autopipe.partition vision --model resnet_tiny --partitioning_method pipedream \
     --stage_to_num_ranks 0:3,1:1
+python -m autopipe.partition vision --model resnet_tiny -b 8 --crop 32 -p 2 --schedule wpipe
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"number of pipeline stages (default {DEFAULT_STAGES}, or as many as "
-        "--stage_to_num_ranks lists, which -p must then equal)",
+        "--stage_to_num_ranks lists, which -p must then equal); with --schedule wpipe, the "
+        "number of devices, each running 2 stages",
     )
     common.add_argument(
         "-b", "--batch_size", type=int, default=32, help="batch size to trace at (default 32)"
@@ -165,7 +167,8 @@ def _add_cost_flags(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         choices=SCHEDULES,
         default="1f1b",
-        help="schedule whose memory counts (default 1f1b)",
+        help="schedule whose memory counts (default 1f1b); wpipe cuts 2 stages per device, "
+        "device d running stages d and p + d, and writes each stage's device into the file",
     )
     costs.add_argument(
         "--optimizer",
@@ -238,36 +241,14 @@ def stage_ranks(spec: str) -> tuple[int, ...]:
 
 def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
     """The number of stages asked for, and the partitioner's options, from the flags."""
-    levels: tuple[Level, ...] = ()
     replicas = stage_ranks(args.stage_to_num_ranks) if args.stage_to_num_ranks else None
-    n_stages = DEFAULT_STAGES if args.n_partitions is None else args.n_partitions
-    if replicas is not None:
-        if args.replication:
-            raise UserError(
-                "--stage_to_num_ranks fixes the replicas that --replication would choose: "
-                "pass one of them"
-            )
-        if args.n_partitions is not None and args.n_partitions != len(replicas):
-            listed = f"{len(replicas)} stage" + ("s" if len(replicas) > 1 else "")
-            raise UserError(
-                f"-p is {args.n_partitions} but --stage_to_num_ranks lists {listed}: "
-                "-p counts stages, so leave it out or make it agree"
-            )
-        n_stages = len(replicas)
+    levels: tuple[Level, ...] = ()
     if args.num_devices:
         if len(args.bw) != len(args.num_devices):
             raise UserError(
                 f"-n names {len(args.num_devices)} levels, --bw gives {len(args.bw)} bandwidths"
             )
         levels = tuple(Level(count, bw) for count, bw in zip(args.num_devices, args.bw))
-        machine_size = math.prod(args.num_devices)
-        if replicas is None:
-            n_stages = machine_size
-        elif sum(replicas) != machine_size:
-            raise UserError(
-                f"-n {' '.join(map(str, args.num_devices))} is {machine_size} devices but "
-                f"--stage_to_num_ranks uses {sum(replicas)} ranks"
-            )
     elif len(args.bw) != 1:
         raise UserError("several --bw values need -n, one device count per level")
     devices = ()
@@ -288,7 +269,7 @@ def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
         if args.metis_seed is not None and args.partitioning_method == "metis"
         else args.seed
     )
-    return n_stages, PartitionOptions(
+    options = PartitionOptions(
         seed=seed,
         cost=cost,
         replication=args.replication,
@@ -297,6 +278,37 @@ def partition_options(args: argparse.Namespace) -> tuple[int, PartitionOptions]:
         devices=devices,
         metis_attempts=args.metis_attempts,
     )
+    return stage_count(args, options), options
+
+
+def stage_count(args: argparse.Namespace, options: PartitionOptions) -> int:
+    """The number of stages: -p (under wpipe 2 per device), or as many as the fixed replicas
+    list or the machine of -n has devices, checked against each other."""
+    replicas = options.replicas
+    n_stages = DEFAULT_STAGES if args.n_partitions is None else args.n_partitions
+    if replicas is not None:
+        if args.replication:
+            raise UserError(
+                "--stage_to_num_ranks fixes the replicas that --replication would choose: "
+                "pass one of them"
+            )
+        if args.n_partitions is not None and args.n_partitions != len(replicas):
+            listed = f"{len(replicas)} stage" + ("s" if len(replicas) > 1 else "")
+            raise UserError(
+                f"-p is {args.n_partitions} but --stage_to_num_ranks lists {listed}: "
+                "-p counts stages, so leave it out or make it agree"
+            )
+        n_stages = len(replicas)
+    if options.levels:
+        machine_size = math.prod(level.count for level in options.levels)
+        if replicas is None:
+            n_stages = machine_size
+        elif sum(replicas) != machine_size:
+            raise UserError(
+                f"-n {' '.join(map(str, args.num_devices))} is {machine_size} devices but "
+                f"--stage_to_num_ranks uses {sum(replicas)} ranks"
+            )
+    return n_stages * options.cost.stages_per_device
 
 
 def profile_settings(args: argparse.Namespace) -> ProfileSettings:

@@ -12,11 +12,15 @@ from autopipe.cost import (
     Level,
     StageLinks,
     check_memory,
+    device_stages,
+    device_totals,
     link_bandwidth,
     lower_bound_ms,
     pipeline_links,
     replicated_ms,
     stage_costs,
+    stage_device,
+    stage_memory,
 )
 from autopipe.errors import UserError
 from autopipe.partitioning import PartitionOptions
@@ -105,6 +109,57 @@ def test_lower_bound_and_pipeline_estimate() -> None:
     assert report.schedules[0].speedup == pytest.approx(18.0 / report.schedules[0].batch_ms)
     assert report.bound_ratio == pytest.approx(max(c.time_ms for c in costs) / 9.0)
     assert "lower bound" in report.table() and "samples/s" in report.table()
+
+
+WPIPE = CostModel(schedule="wpipe", microbatches=8, recomputation=False)
+
+
+def test_wpipe_runs_stages_d_and_p_plus_d_on_device_d() -> None:
+    assert [stage_device(s, 6, WPIPE) for s in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert device_stages(6, WPIPE) == [(0, 3), (1, 4), (2, 5)]
+    assert device_totals([1, 2, 3, 4], WPIPE) == [4, 6]
+    assert device_stages(3, CostModel()) == [(0,), (1,), (2,)]
+    assert device_totals([1, 2, 3], CostModel()) == [1, 2, 3]
+
+
+def test_wpipe_keeps_two_weight_versions_in_the_first_group_only() -> None:
+    one_f = CostModel(schedule="1f1b", microbatches=8, recomputation=False)
+    extra = [
+        stage_memory(8, 100, 1000, 800, s, 4, WPIPE) - stage_memory(8, 100, 1000, 800, s, 4, one_f)
+        for s in range(4)
+    ]
+    assert extra == [100, 100, 0, 0]
+    assert [WPIPE.in_flight(s, 4) for s in range(4)] == [4, 3, 2, 1]
+    two_microbatches = CostModel(schedule="wpipe", microbatches=2)
+    assert [two_microbatches.in_flight(s, 4) for s in range(4)] == [2, 2, 2, 1]
+
+
+def test_wpipe_memory_limit_applies_to_the_sum_of_a_devices_stages() -> None:
+    costs = stage_costs(_chain(), {0: 0, 1: 1, 2: 1}, 2, WPIPE)
+    stage_bytes = [c.memory_bytes for c in costs]
+    limit = max(stage_bytes) + 1
+    assert sum(stage_bytes) > limit
+    with pytest.raises(UserError, match=r"device 0 \(stages 0 and 1\) needs .* GB, the limit is"):
+        check_memory(costs, CostModel(schedule="wpipe", memory_limit=limit))
+    check_memory(costs, CostModel(memory_limit=limit))
+
+
+def test_wpipe_time_is_one_trip_through_the_stages_then_the_slowest_device() -> None:
+    assert pipeline_ms([4.0, 2.0, 4.0, 6.0], 4, [8.0, 8.0]) == pytest.approx(3 * 2.0 + 4.0)
+    assert pipeline_ms([4.0, 2.0], 4) == pipeline_ms([4.0, 2.0], 4, [4.0, 2.0])
+    costs = stage_costs(_chain(), {0: 0, 1: 1, 2: 1}, 2, WPIPE)
+    report = analyse(costs, (1, 1), 1.0, WPIPE, batch_size=16)
+    (device,) = report.devices
+    assert device.stages == (0, 1)
+    assert device.time_ms == pytest.approx(sum(report.stage_ms))
+    assert device.memory_bytes == sum(c.memory_bytes for c in costs)
+    (estimate,) = report.schedules
+    assert estimate.schedule == "wpipe" and estimate.peak_memory_bytes == device.memory_bytes
+    assert estimate.batch_ms == pytest.approx(pipeline_ms(report.stage_ms, 8, [device.time_ms]))
+    assert estimate.speedup == pytest.approx(report.single_device_ms / estimate.batch_ms)
+    table = report.table()
+    assert "device 0 runs stages 0 and 1: " in table and "wpipe with 8 microbatches" in table
+    assert analyse(costs, (1, 1), 1.0, CostModel(), batch_size=16).devices == []
 
 
 def test_replicated_stage_shares_compute_and_pays_the_all_reduce() -> None:

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import networkx as nx
 import torch.fx as fx
 
-from autopipe.cost import StageCost, StageLinks, check_memory, pipeline_links, stage_costs
+from autopipe.cost import (
+    StageCost,
+    StageLinks,
+    check_memory,
+    pipeline_links,
+    stage_costs,
+    stage_device,
+)
 from autopipe.errors import UserError
 from autopipe.graph import contract, placement_groups
 from autopipe.partitioning.base import (
@@ -65,6 +72,9 @@ class Partition:
     replicas: tuple[int, ...]
     links: list[StageLinks]
     costs: list[StageCost]
+    devices: tuple[int, ...] | None = None
+    """The device of every stage where a device runs several (wpipe: stage s of 2P on device
+    s mod P); None where every stage has its own devices, laid out in stage order."""
 
 
 class InvalidPartition(Exception):
@@ -83,18 +93,34 @@ def partition(
     With ``options.replicas`` (fixed replicas per stage) the methods that can (pipedream)
     choose the cut for those replicas; the others cut ``n_stages`` stages and get them attached.
 
+    With ``options.cost.schedule == "wpipe"``, ``n_stages`` is 2P for P devices: stage s runs
+    on device s mod P, and the memory limit applies to the sum of a device's two stages.
+
     Raises UserError when the request cannot be met (more stages than the graph has units,
-    a stage over the memory limit, replicas that do not fit the stages or the machine).
+    a stage or device over the memory limit, replicas that do not fit the stages or the
+    machine, an odd number of stages for wpipe).
     """
     if method not in METHODS:
         raise UserError(f"unknown partitioning method {method!r}; choose from {', '.join(METHODS)}")
     if n_stages < 1:
         raise UserError(f"the number of stages must be at least 1, got {n_stages}")
+    per_device = options.cost.stages_per_device
+    if n_stages % per_device:
+        raise UserError(
+            f"--schedule wpipe runs {per_device} stages on every device, so it needs an even "
+            f"number of stages, got {n_stages}"
+        )
     groups = placement_groups(graph, module)
     if n_stages > len(groups):
+        layout = (
+            f" ({per_device} on each of {n_stages // per_device} devices with "
+            f"--schedule {options.cost.schedule})"
+            if per_device > 1
+            else ""
+        )
         raise UserError(
             f"the model has {len(groups)} units that can go to different stages; "
-            f"{n_stages} stages is more than that: lower -p"
+            f"{n_stages} stages{layout} is more than that: lower -p"
         )
     _check_replicas(n_stages, options)
     coarse = contract(graph, groups)
@@ -107,7 +133,14 @@ def partition(
     links = pipeline_links(replicas, options.levels, options.cost.bandwidth)
     costs = stage_costs(coarse, plan.stage_of, stages, options.cost, [link.send for link in links])
     check_memory(costs, options.cost)
-    return Partition(assignment, coarse, dict(plan.stage_of), stages, tuple(replicas), links, costs)
+    devices = (
+        tuple(stage_device(s, stages, options.cost) for s in range(stages))
+        if options.cost.stages_per_device > 1
+        else None
+    )
+    return Partition(
+        assignment, coarse, dict(plan.stage_of), stages, tuple(replicas), links, costs, devices
+    )
 
 
 def _check_replicas(n_stages: int, options: PartitionOptions) -> None:

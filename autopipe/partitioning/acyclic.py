@@ -17,15 +17,18 @@ step here keeps all edges going to the same or a later stage:
    same slowest stage and a lower next slowest, and so on (so that work can flow towards a
    light stage through the stages in between), ties going to fewer bytes sent. No move
    empties a stage. Under a memory limit (``CostModel.memory_limit``, stage memory from
-   ``autopipe.cost.stage_memory``) no move may raise a stage's memory above the limit, and the
-   bytes by which stages exceed it come first in the objective: a start within the limit stays
-   within it, and moves that bring an over-limit stage back under it win over faster ones.
+   ``autopipe.cost.stage_memory``) no move may raise a device's memory above the limit, and the
+   bytes by which devices exceed it come first in the objective: a start within the limit stays
+   within it, and moves that bring an over-limit device back under it win over faster ones.
+   A device's memory is its stage's, or under wpipe the sum of its two stages'
+   (``autopipe.cost.device_totals``).
 4. The finest graph's own contiguous cut and the optimal contiguous split (the PipeDream
    program, which meets a memory limit whenever any contiguous split does), refined the same
    way, compete with the multilevel result; the best by the same objective gets a last sweep
    that takes every move keeping the slowest stage as fast, and no further over the limit,
    while sending fewer bytes. The result thus meets a memory limit whenever a contiguous
-   split does.
+   split does, except under wpipe: the program sees the limit per stage, and only refinement
+   sees the sum of a device's two stages.
 
 Stages may be non-contiguous in topological order. ``StageLoads`` prices moves incrementally;
 it computes the same times and memory as ``autopipe.cost.stage_costs`` (the tests check that
@@ -46,7 +49,7 @@ from typing import NamedTuple
 import networkx as nx
 import numpy as np
 
-from autopipe.cost import CostModel, stage_memory
+from autopipe.cost import CostModel, device_totals, stage_device, stage_memory
 from autopipe.errors import UserError
 from autopipe.partitioning.base import PartitionOptions
 from autopipe.partitioning.pipedream import partition_pipedream
@@ -350,11 +353,12 @@ def _memory_parts(graph: ClusterGraph, stages: list[int], n_stages: int) -> list
 
 
 def over_limit(memory: list[int], model: CostModel) -> int:
-    """Bytes by which the stages exceed the memory limit, summed; 0 without a limit."""
+    """Bytes by which the devices exceed the memory limit, summed, from every stage's memory;
+    0 without a limit."""
     if model.memory_limit is None:
         return 0
     limit = math.floor(model.memory_limit)
-    return sum(m - limit for m in memory if m > limit)
+    return sum(m - limit for m in device_totals(memory, model) if m > limit)
 
 
 def objective(graph: ClusterGraph, stages: list[int], n_stages: int, model: CostModel) -> Key:
@@ -390,7 +394,7 @@ class StageLoads:
 
     Under a memory limit, the memory of stages a and b changes too: what c holds, and the
     values a and b receive, known from per value the count of its consumers in each stage. A
-    move that would raise a stage's memory above the limit prices at infinite excess, so no
+    move that would raise a device's memory above the limit prices at infinite excess, so no
     objective accepts it.
     """
 
@@ -507,13 +511,16 @@ class StageLoads:
 
     def _excess_after(self, cluster: int, target: int) -> float:
         """Bytes over the limit after moving ``cluster`` to ``target``; inf if the move raises
-        a stage's memory above the limit."""
-        source, limit = self.stage[cluster], self.model.memory_limit
-        totals = [m.total for m in self.memory]
+        a device's memory above the limit."""
+        source, limit, model = self.stage[cluster], self.model.memory_limit, self.model
+        before = [m.total for m in self.memory]
+        totals = list(before)
         for s, after in zip((source, target), self._memory_after(cluster, target)):
-            if after.total > limit and after.total > totals[s]:
-                return math.inf
             totals[s] = after.total
+        devices = {stage_device(s, self.n_stages, model) for s in (source, target)}
+        was, now = device_totals(before, model), device_totals(totals, model)
+        if any(now[d] > limit and now[d] > was[d] for d in devices):
+            return math.inf
         return over_limit(totals, self.model)
 
     def price(self, cluster: int, target: int) -> Key:

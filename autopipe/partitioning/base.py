@@ -47,6 +47,10 @@ class PartitionOptions:
     metis_attempts: int = 10
     """metis: seeds tried; the best acyclic result wins."""
 
+    def __post_init__(self) -> None:
+        if self.cost.schedule == "wpipe":
+            _check_wpipe(self)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -55,6 +59,26 @@ class Plan:
     stage_of: dict[int, int]
     replicas: tuple[int, ...] | None = None
     """Data-parallel replicas of each stage; None means one each."""
+
+
+_PLACEMENT_FLAGS = {
+    "replication": "--replication",
+    "replicas": "--stage_to_num_ranks",
+    "levels": "-n",
+    "devices": "--server_file",
+}
+"""Options that choose which devices run a stage, and the flags that set them."""
+
+
+def _check_wpipe(options: PartitionOptions) -> None:
+    """WPipe fixes where stages run (stage s of 2P on device s mod P, one replica each), so
+    the options that place stages otherwise do not apply."""
+    for name, flag in _PLACEMENT_FLAGS.items():
+        if getattr(options, name):
+            raise UserError(
+                f"--schedule wpipe cannot be combined with {flag}: wpipe runs stages d and P + d "
+                "on device d, one replica each"
+            )
 
 
 Method = Callable[[nx.DiGraph, int, PartitionOptions], Union[dict[int, int], Plan]]

@@ -266,7 +266,7 @@ class _Problem:
 
     def memory(self, following: int) -> _MemoryModel:
         if following not in self._memory:
-            self._memory[following] = _MemoryModel(self.options.cost, following)
+            self._memory[following] = _MemoryModel(self.options.cost, following, self.n_stages)
         return self._memory[following]
 
     def link(self, bandwidth: float) -> CostModel:
@@ -321,23 +321,29 @@ class _MemoryModel:
     truncated to whole bytes. Its factors are read off it at one large probe each, so rows can
     be estimated with numpy to within a byte; stages within a few bytes of the limit are
     decided by stage_memory itself. The formula stays in autopipe.cost.
+
+    The place is stage ``n_stages - following`` of ``n_stages`` where the number of stages is
+    fixed (wpipe's weight versions depend on it), else stage 0 of ``following``: the
+    activations in flight depend on the following stages alone (so do lower bounds that ask
+    for more following stages than there are).
     """
 
     _PROBE = float(2**40)
 
-    def __init__(self, model: CostModel, following: int) -> None:
+    def __init__(self, model: CostModel, following: int, n_stages: int | None) -> None:
         self.model, self.following = model, max(following, 1)
-        self.base = stage_memory(0, 0, 0, 0, 0, self.following, model)
+        self.n_stages = max(n_stages or 0, self.following)
+        self.stage = self.n_stages - self.following
+        self.base = self._exact(0, 0, 0, 0)
         self.factors = [
-            (
-                stage_memory(
-                    *(self._PROBE if k == a else 0 for k in range(4)), 0, self.following, model
-                )
-                - self.base
-            )
+            (self._exact(*(self._PROBE if k == a else 0 for k in range(4))) - self.base)
             / self._PROBE
             for a in range(4)
         ]
+
+    def _exact(self, *parts: float) -> int:
+        """``stage_memory`` of one stage with these (state, params, activations, inputs)."""
+        return stage_memory(*parts, self.stage, self.n_stages, self.model)
 
     def estimate(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         """Approximate bytes of stages with the given (state, params, activations, inputs)."""
@@ -353,8 +359,7 @@ class _MemoryModel:
         fits = estimate <= limit - margin
         unsure = np.flatnonzero(~fits & (estimate <= limit + margin))
         for k in unsure.tolist():
-            exact = stage_memory(*(int(part[k]) for part in parts), 0, self.following, self.model)
-            fits[k] = exact <= limit
+            fits[k] = self._exact(*(int(part[k]) for part in parts)) <= limit
         return fits
 
 
@@ -823,8 +828,9 @@ def _no_fit(problem: _Problem, needed: int) -> UserError:
     if problem.options.replicas:
         split = f"into {problem.n_stages} stages on {p} devices"
     have, need = _gigabytes(limit, needed)
+    holder = "device" if problem.options.cost.stages_per_device == 1 else "stage"
     return UserError(
-        f"no split {split} fits in {have} GB: the best needs {need} GB per device; "
+        f"no split {split} fits in {have} GB: the best needs {need} GB per {holder}; "
         "raise -p or --memory_limit"
     )
 
