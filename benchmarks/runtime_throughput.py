@@ -214,7 +214,7 @@ def pipelining_worker(args: argparse.Namespace) -> None:
     try:
         rank, n_stages = dist.get_rank(), len(pipeline["stages"])
         (stage,) = build_stages(generated, [rank], config, device)
-        groups = tied_groups(pipeline, Layout((1,) * n_stages), rank, stage)
+        groups = tied_groups(pipeline, Layout((1,) * n_stages), rank, {rank: stage})
         synchronize_tied(groups)
         optimizer = OPTIMIZERS[config.optimizer](list(stage.parameters()), config)
         torch.manual_seed(config.seed + rank)

@@ -82,27 +82,33 @@ def buffer_for(spec: Mapping[str, Any], batch: int, device: torch.device) -> tor
 FORWARD_CHANNEL, BACKWARD_CHANNEL = "values", "gradients"
 
 
+ChannelKey = tuple[int, int, str, int, int]
+"""A channel: (sending rank, receiving rank, kind, sending stage, receiving stage)."""
+
+
 def make_channels(
     pipeline: Mapping[str, Any], layout: Layout, separate: bool = True
-) -> dict[tuple[int, int, str], Any]:
-    """One two-rank process group per direction between ranks that exchange values: values
-    from src to dst, and gradients back where any of them carries one. Every rank must call
-    this in the same order (``new_group`` is collective); the map is keyed by ranks
-    (src, dst, kind).
+) -> dict[ChannelKey, Any]:
+    """One two-rank process group per direction between each pair of stages that exchange
+    values, on each pair of ranks that run them: values from src to dst, and gradients back
+    where any of them carries one. Every rank must call this in the same order (``new_group``
+    is collective). A rank that runs both stages passes values in memory, with no channel.
 
     With ``separate=False`` every channel is the default group (None): right for gloo, whose
-    sends never wait for their receives, and faster there than a group, with its own
-    connections and threads, per channel."""
+    sends never wait for their receives and whose tags tell transfers apart, and faster there
+    than a group, with its own connections and threads, per channel."""
     specs = value_specs(pipeline)
-    pairs: dict[tuple[int, int], bool] = {}
+    pairs: dict[tuple[int, int, int, int], bool] = {}
     for t in transfers(pipeline):
-        for key in layout.rank_pairs(t.src, t.dst):
-            pairs[key] = pairs.get(key, False) or carries_gradient(specs[t.name])
-    channels: dict[tuple[int, int, str], Any] = {}
-    for (src, dst), with_gradients in sorted(pairs.items()):
+        for src, dst in layout.rank_pairs(t.src, t.dst):
+            if src != dst:
+                key = (src, dst, t.src, t.dst)
+                pairs[key] = pairs.get(key, False) or carries_gradient(specs[t.name])
+    channels: dict[ChannelKey, Any] = {}
+    for (src, dst, src_stage, dst_stage), with_gradients in sorted(pairs.items()):
         kinds = (FORWARD_CHANNEL, BACKWARD_CHANNEL) if with_gradients else (FORWARD_CHANNEL,)
         for kind in kinds:
-            channels[(src, dst, kind)] = (
+            channels[(src, dst, kind, src_stage, dst_stage)] = (
                 dist.new_group(ranks=sorted((src, dst))) if separate else None
             )
     return channels
@@ -117,13 +123,18 @@ class StageComm:
         layout: Layout,
         rank: int,
         device: torch.device,
-        channels: Mapping[tuple[int, int, str], Any],
+        channels: Mapping[ChannelKey, Any],
+        stage: int | None = None,
+        mailbox: dict[tuple[str, int, int], torch.Tensor] | None = None,
     ) -> None:
         self.rank = rank
         self.layout = layout
         self.device = device
         self.specs = value_specs(pipeline)
-        stage = layout.role(rank).stage
+        stage = layout.role(rank).stage if stage is None else stage
+        self.stage = stage
+        # values and gradients passed between two stages of this rank, by kind, tag, microbatch
+        self.mailbox: dict[tuple[str, int, int], torch.Tensor] = {} if mailbox is None else mailbox
         every = transfers(pipeline)
         self.incoming = [t for t in every if t.dst == stage]
         self.outgoing = [t for t in every if t.src == stage]
@@ -156,14 +167,29 @@ class StageComm:
         """The rank that runs ``microbatch`` on ``stage``."""
         return self.layout.rank_of(stage, microbatch)
 
+    def _take(self, kind: str, transfer: Transfer, microbatch: int) -> torch.Tensor:
+        """A value (or gradient) another stage of this rank left for ``microbatch``; the
+        schedule runs the producer first, so it is there."""
+        try:
+            return self.mailbox.pop((kind, transfer.tag, microbatch))
+        except KeyError:
+            raise RuntimeError(
+                f"stage {self.stage} needs {kind} of {transfer.name!r} for microbatch "
+                f"{microbatch} before stage {transfer.src if kind == FORWARD_CHANNEL else transfer.dst} "
+                "on the same rank made it: the schedule runs them out of order"
+            ) from None
+
     def receive_values(self, microbatch: int, batch: int) -> dict[str, torch.Tensor]:
         """This stage's inputs from other stages for ``microbatch``, of ``batch`` samples."""
         received: dict[str, torch.Tensor] = {}
         receives = []
         for t in self.incoming:
-            received[t.name] = buffer_for(self.specs[t.name], batch, self.device)
             src = self._peer(t.src, microbatch)
-            channel = self.channels[(src, self.rank, FORWARD_CHANNEL)]
+            if src == self.rank:
+                received[t.name] = self._take(FORWARD_CHANNEL, t, microbatch)
+                continue
+            received[t.name] = buffer_for(self.specs[t.name], batch, self.device)
+            channel = self.channels[(src, self.rank, FORWARD_CHANNEL, t.src, t.dst)]
             receives.append((received[t.name], src, channel, t.tag))
         self._wait_receives(receives)
         return received
@@ -174,7 +200,10 @@ class StageComm:
         sends = []
         for t in self.outgoing:
             dst = self._peer(t.dst, microbatch)
-            channel = self.channels[(self.rank, dst, FORWARD_CHANNEL)]
+            if dst == self.rank:
+                self.mailbox[(FORWARD_CHANNEL, t.tag, microbatch)] = values[t.name].detach().clone()
+                continue
+            channel = self.channels[(self.rank, dst, FORWARD_CHANNEL, t.src, t.dst)]
             sends.append((values[t.name].detach().contiguous(), dst, channel, t.tag))
         self._post_sends(sends)
 
@@ -186,10 +215,13 @@ class StageComm:
         parts: list[tuple[str, torch.Tensor]] = []
         for t in self.outgoing:
             if t.name in outputs and carries_gradient(self.specs[t.name]):
+                dst = self._peer(t.dst, microbatch)
+                if dst == self.rank:
+                    parts.append((t.name, self._take(BACKWARD_CHANNEL, t, microbatch)))
+                    continue
                 buffer = torch.empty_like(outputs[t.name], memory_format=torch.contiguous_format)
                 parts.append((t.name, buffer))
-                dst = self._peer(t.dst, microbatch)
-                channel = self.channels[(self.rank, dst, BACKWARD_CHANNEL)]
+                channel = self.channels[(self.rank, dst, BACKWARD_CHANNEL, t.src, t.dst)]
                 receives.append((buffer, dst, channel, t.tag))
         self._wait_receives(receives)
         grads: dict[str, torch.Tensor] = {}
@@ -205,7 +237,10 @@ class StageComm:
                 value = inputs[t.name]
                 grad = torch.zeros_like(value) if value.grad is None else value.grad
                 src = self._peer(t.src, microbatch)
-                channel = self.channels[(src, self.rank, BACKWARD_CHANNEL)]
+                if src == self.rank:
+                    self.mailbox[(BACKWARD_CHANNEL, t.tag, microbatch)] = grad
+                    continue
+                channel = self.channels[(src, self.rank, BACKWARD_CHANNEL, t.src, t.dst)]
                 sends.append((grad.contiguous(), src, channel, t.tag))
         self._post_sends(sends)
 

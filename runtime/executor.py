@@ -110,24 +110,28 @@ def split_microbatches(
 
 
 def tied_groups(
-    pipeline: Mapping[str, Any], layout: Layout, rank: int, stage: nn.Module
+    pipeline: Mapping[str, Any], layout: Layout, rank: int, stages: Mapping[int, nn.Module]
 ) -> list[TiedGroup]:
     """One process group per tied parameter held by several stages, over every rank of those
     stages, made in the same order on every rank (``new_group`` is collective); only the groups
-    holding this rank are returned."""
-    named = dict(stage.named_parameters(remove_duplicate=False))
-    mine = layout.role(rank).stage
+    holding this rank are returned, with the copies that ``stages`` (this rank's, by index)
+    hold."""
+    named = {
+        (index, key): parameter
+        for index, stage in stages.items()
+        for key, parameter in stage.named_parameters(remove_duplicate=False)
+    }
     groups = []
     for members in pipeline.get("tied_parameters", []):
-        stages = sorted({member_stage for member_stage, _ in members})
-        if len(stages) < 2:
+        holders = sorted({member_stage for member_stage, _ in members})
+        if len(holders) < 2:
             continue
-        ranks = tuple(r for s in stages for r in layout.ranks_of(s))
+        ranks = tuple(sorted({r for s in holders for r in layout.ranks_of(s)}))
         group = dist.new_group(ranks=list(ranks))
         if rank not in ranks:
             continue
-        unique = {id(named[key]): named[key] for s, key in members if s == mine}
-        share = 1.0 / layout.replicas[mine]
+        unique = {id(named[(s, key)]): named[(s, key)] for s, key in members if s in stages}
+        share = 1.0 / max(layout.replicas[s] for s in stages)
         groups.append(TiedGroup(tuple(unique.values()), ranks, group, share))
     return groups
 
@@ -197,7 +201,7 @@ class Executor:
         replica: StageReplica | None = None,
     ) -> None:
         self.rank = rank
-        self.stage_index = comm.layout.role(rank).stage
+        self.stage_index = comm.stage
         self.recompute = recompute
         self.spec = pipeline["stages"][self.stage_index]
         self.is_last = self.stage_index == len(pipeline["stages"]) - 1
@@ -226,21 +230,39 @@ class Executor:
         ``trace``, each action's start and end (``perf_counter`` seconds, waiting for the GPU
         where there is one) are appended to it.
         """
-        keeps = iter(self._prepare_versions(actions))
-        reducing = set(last_backwards(actions)) if self.replica is not None else set()
-        for position, action in enumerate(actions):
-            started = self._clock() if trace is not None else 0.0
-            if action.kind == FORWARD:
-                self._forward(action, feed)
-            elif action.kind == BACKWARD:
-                self._backward(action, feed, on_loss, position in reducing)
-            elif action.kind == STEP:
-                self._step(next(keeps, frozenset()), on_step)
-            if trace is not None:
-                trace.append(
-                    TraceRecord(self.rank, str(action), action.kind, started, self._clock())
-                )
+        self.begin(actions)
+        for action in actions:
+            self.execute(action, feed, trace, on_loss, on_step)
         self.comm.wait_sends()
+
+    def begin(self, actions: Sequence[Action]) -> None:
+        """Get ready to run ``actions``, this stage's in the order it runs them: the weight
+        versions each step keeps, and where the replicas sum gradients."""
+        self._keeps = iter(self._prepare_versions(actions))
+        self._reduce_at = set(last_backwards(actions)) if self.replica is not None else set()
+        self._position = 0
+
+    def execute(
+        self,
+        action: Action,
+        feed: Feed,
+        trace: list[TraceRecord] | None = None,
+        on_loss: LossHook | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        """Run the next of the actions given to :meth:`begin`."""
+        started = self._clock() if trace is not None else 0.0
+        if action.kind == FORWARD:
+            self._forward(action, feed)
+        elif action.kind == BACKWARD:
+            self._backward(action, feed, on_loss, self._position in self._reduce_at)
+        elif action.kind == STEP:
+            self._step(next(self._keeps, frozenset()), on_step)
+        self._position += 1
+        if trace is not None:
+            # a rank running several stages names each action's stage: "2:F3@1"
+            name = f"{action.stage}:{action}" if self.comm.layout.shared else str(action)
+            trace.append(TraceRecord(self.rank, name, action.kind, started, self._clock()))
 
     def _prepare_versions(self, actions: Sequence[Action]) -> list[frozenset[int]]:
         """For actions that name weight versions, the store of versions and, per step, the
@@ -345,3 +367,22 @@ class Executor:
         self.optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step()
+
+
+def run_stages(
+    executors: Mapping[int, Executor],
+    actions: Sequence[Action],
+    feed: Feed,
+    trace: list[TraceRecord] | None = None,
+    on_loss: LossHook | None = None,
+    on_step: Mapping[int, Callable[[], None]] | None = None,
+) -> None:
+    """Run one rank's ``actions`` over the stages it holds (WPipe's two per device), each
+    action by its stage's executor, in the rank's order; ``on_step`` is per stage."""
+    for stage, executor in executors.items():
+        executor.begin([action for action in actions if action.stage == stage])
+    for action in actions:
+        step = (on_step or {}).get(action.stage)
+        executors[action.stage].execute(action, feed, trace, on_loss, step)
+    for executor in executors.values():
+        executor.comm.wait_sends()

@@ -53,14 +53,25 @@ class Role:
 
 @dataclass(frozen=True)
 class Layout:
-    """The ranks of each stage: ``replicas[s]`` consecutive ranks run stage s."""
+    """The ranks of each stage: ``replicas[s]`` consecutive ranks run stage s; or, with
+    ``devices`` (WPipe's two stages per device), stage s runs on rank ``devices[s]`` alone."""
 
     replicas: tuple[int, ...]
+    devices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.replicas or min(self.replicas) < 1:
             raise RuntimeConfigError(
                 f"every stage needs at least one rank, got replicas {list(self.replicas)}"
+            )
+        if self.devices is not None and (
+            len(self.devices) != len(self.replicas)
+            or self.replicated
+            or sorted(set(self.devices)) != list(range(max(self.devices) + 1))
+        ):
+            raise RuntimeConfigError(
+                f"stages placed on devices {list(self.devices)} must each name one of devices "
+                "0, 1, ..., every device used, and cannot also have replicas"
             )
 
     @property
@@ -69,6 +80,8 @@ class Layout:
 
     @property
     def world_size(self) -> int:
+        if self.devices is not None:
+            return max(self.devices) + 1
         return sum(self.replicas)
 
     @property
@@ -76,8 +89,15 @@ class Layout:
         """Whether any stage runs on more than one rank."""
         return max(self.replicas) > 1
 
+    @property
+    def shared(self) -> bool:
+        """Whether some rank runs more than one stage."""
+        return self.world_size < self.n_stages
+
     def first_rank(self, stage: int) -> int:
         """The lowest rank running ``stage``."""
+        if self.devices is not None:
+            return self.devices[stage]
         return sum(self.replicas[:stage])
 
     def ranks_of(self, stage: int) -> range:
@@ -85,14 +105,19 @@ class Layout:
         first = self.first_rank(stage)
         return range(first, first + self.replicas[stage])
 
-    def role(self, rank: int) -> Role:
-        """The stage and replica that ``rank`` runs."""
+    def roles(self, rank: int) -> list[Role]:
+        """What ``rank`` runs: one stage replica, or (with ``devices``) several stages."""
         if not 0 <= rank < self.world_size:
             raise RuntimeConfigError(f"rank {rank} is outside a layout of {self.world_size}")
-        stage = 0
-        while rank >= self.first_rank(stage) + self.replicas[stage]:
-            stage += 1
-        return Role(stage, rank - self.first_rank(stage))
+        return [
+            Role(stage, rank - self.first_rank(stage))
+            for stage in range(self.n_stages)
+            if rank in self.ranks_of(stage)
+        ]
+
+    def role(self, rank: int) -> Role:
+        """The stage and replica that ``rank`` runs, where it runs one (its first otherwise)."""
+        return self.roles(rank)[0]
 
     def rank_of(self, stage: int, microbatch: int) -> int:
         """The rank that runs ``microbatch`` (of a step) on ``stage``."""
@@ -116,7 +141,12 @@ class Layout:
         return ceil(downstream / self.replicas[stage]) - 1
 
     def describe(self) -> str:
-        """Which ranks run which stage, one line per stage."""
+        """Which ranks run which stage, one line per stage (per rank when ranks hold several)."""
+        if self.shared:
+            return "\n".join(
+                f"rank {rank}: stages {', '.join(str(r.stage) for r in self.roles(rank))}"
+                for rank in range(self.world_size)
+            )
         lines = []
         for stage in range(self.n_stages):
             ranks = self.ranks_of(stage)
@@ -134,9 +164,18 @@ def stage_replicas(pipeline: Mapping[str, Any]) -> tuple[int, ...]:
 
 
 def make_layout(pipeline: Mapping[str, Any], dp: int = 1) -> Layout:
-    """The file's plan of replicas, repeated ``dp`` times (``--dp``)."""
+    """The file's plan of replicas, repeated ``dp`` times (``--dp``); or the devices its
+    stages are placed on (a file partitioned for WPipe), which runs as it is."""
     if dp < 1:
         raise RuntimeConfigError(f"--dp must be at least 1, got {dp}")
+    stages = pipeline["stages"]
+    if any("device" in stage for stage in stages):
+        if dp > 1:
+            raise RuntimeConfigError(
+                "--dp copies pipelines of one stage per rank; this file places two stages on "
+                "each device (WPipe): drop --dp"
+            )
+        return Layout(stage_replicas(pipeline), tuple(int(s.get("device", -1)) for s in stages))
     return Layout(tuple(r * dp for r in stage_replicas(pipeline)))
 
 

@@ -121,7 +121,8 @@ class Schedule:
     names its weight version."""
 
     def grid(self, dependencies: Dependencies | None = None) -> str:
-        """A table with one row per device (here, per stage), one column per step, '.' if idle.
+        """A table with one row per device, one column per step, '.' if idle; a device that
+        holds several stages names the stage in each cell (``2:F3@1``: stage 2's F3).
 
         The steps are those of the lockstep simulation (see :func:`simulate`).
 
@@ -134,9 +135,16 @@ class Schedule:
             for action in actions:
                 rows[device][simulation.start[action]] = str(action)
         width = max((len(cell) for row in rows for cell in row), default=1)
-        label = len(f"stage {len(rows) - 1}")
+        # a row per stage, or per device where devices hold several (with the stage in a cell)
+        name = "stage" if len(rows) == self.n_stages else "device"
+        if name == "device":
+            for device, actions in enumerate(self.actions):
+                for action in actions:
+                    rows[device][simulation.start[action]] = f"{action.stage}:{action}"
+            width = max(len(cell) for row in rows for cell in row)
+        label = len(f"{name} {len(rows) - 1}")
         lines = [
-            f"{f'stage {device}':<{label}}  " + " ".join(cell.ljust(width) for cell in row)
+            f"{f'{name} {device}':<{label}}  " + " ".join(cell.ljust(width) for cell in row)
             for device, row in enumerate(rows)
         ]
         return "\n".join(line.rstrip() for line in lines)
@@ -362,11 +370,106 @@ def pipeoptim(n_stages: int, n_microbatches: int) -> Schedule:
     return _async_schedule("pipeoptim", n_stages, n_microbatches, rules)
 
 
+def wpipe(n_stages: int, n_microbatches: int, microbatches_per_batch: int) -> Schedule:
+    """WPipe: 2p stages in two groups on p devices; device d runs stage d (group 1) and stage
+    p + d (group 2), so a microbatch crosses the devices twice.
+
+    No flush: every stage steps once per batch of m microbatches, the groups alternately as
+    their batches complete. Group 2 computes batch t with version t, the newest (one version
+    kept); group 1 with version max(0, t - 1), as in PipeDream-2BW (two versions kept), which
+    lets group 1 run the forwards of batch t + 1 before group 2 has finished the backwards of
+    batch t. Each device's order comes from a lockstep list scheduling of the 2p-stage chain:
+    at every step a device runs, among the actions it may run (inputs there, weights made), a
+    step first, then the oldest microbatch's backward, then the oldest forward.
+    """
+    _check_counts(n_stages, n_microbatches)
+    m = microbatches_per_batch
+    if n_stages % 2:
+        raise ScheduleError(
+            f"wpipe runs two stages on every device, so it needs an even number of stages; got "
+            f"{n_stages}: partition with --schedule wpipe"
+        )
+    if n_microbatches % m:
+        raise ScheduleError(
+            f"wpipe steps after every {m} microbatches, so n_microbatches must be a multiple of "
+            f"{m}; got {n_microbatches}"
+        )
+    devices = n_stages // 2
+
+    def version(stage: int, microbatch: int) -> int:
+        batch = microbatch // m
+        return max(0, batch - 1) if stage < devices else batch
+
+    actions = _list_schedule(n_stages, devices, n_microbatches, m, version)
+    return Schedule("wpipe", n_stages, n_microbatches, actions, m)
+
+
+def _list_schedule(
+    n_stages: int,
+    devices: int,
+    n_microbatches: int,
+    per_step: int,
+    version: Callable[[int, int], int],
+) -> tuple[tuple[Action, ...], ...]:
+    """Each device's actions, found by running the chain of ``n_stages`` stages, stage s on
+    device s % ``devices``, in lockstep: an F waits for the previous stage's F and for its
+    stage to have made ``version(stage, microbatch)``, a B for the next stage's B (and its own
+    F), and a stage steps once it has run the backwards of a whole batch of ``per_step``."""
+    done: set[tuple[str, int, int]] = set()
+    steps = [0] * n_stages
+    backwards = [0] * n_stages
+    next_forward = [0] * n_stages
+    pending_backward: list[set[int]] = [set() for _ in range(n_stages)]
+    orders: list[list[Action]] = [[] for _ in range(devices)]
+    remaining = 2 * n_stages * n_microbatches
+    while remaining:
+        chosen: list[tuple[int, Action]] = []
+        for device in range(devices):
+            options = []
+            for stage in range(device, n_stages, devices):
+                if backwards[stage] >= (steps[stage] + 1) * per_step:
+                    options.append((0, 0, Action(STEP, stage, None, steps[stage] + 1)))
+                for k in sorted(pending_backward[stage]):
+                    after = stage == n_stages - 1 or (BACKWARD, stage + 1, k) in done
+                    if after:
+                        options.append((1, k, _backward(stage, k)))
+                        break
+                k = next_forward[stage]
+                if k < n_microbatches and steps[stage] >= version(stage, k):
+                    if stage == 0 or (FORWARD, stage - 1, k) in done:
+                        options.append((2, k, _forward(stage, k)))
+            if options:
+                chosen.append((device, min(options, key=lambda o: (o[0], o[1], -o[2].stage))[2]))
+        if not chosen:
+            raise ScheduleError("the list scheduling of the stages got stuck")
+        for device, action in chosen:
+            stage, k = action.stage, action.microbatch
+            if action.kind == STEP:
+                steps[stage] += 1
+                orders[device].append(action)
+                continue
+            orders[device].append(replace(action, version=version(stage, k)))
+            done.add((action.kind, stage, k))
+            remaining -= 1
+            if action.kind == FORWARD:
+                next_forward[stage] += 1
+                pending_backward[stage].add(k)
+            else:
+                pending_backward[stage].discard(k)
+                backwards[stage] += 1
+    for stage in range(n_stages):
+        if backwards[stage] > steps[stage] * per_step:
+            orders[stage % devices].append(Action(STEP, stage, None, steps[stage] + 1))
+            steps[stage] += 1
+    return tuple(tuple(order) for order in orders)
+
+
 ASYNC_SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "pipedream": pipedream,
     "stale": stale,
     "2bw": two_bw,
     "pipeoptim": pipeoptim,
+    "wpipe": wpipe,
 }
 """Asynchronous schedules, generated for a whole run; ``2bw`` also takes the microbatches per
 batch and ``pipedream`` takes ``vertical_sync``. Kept apart from :data:`SCHEDULES`, whose
@@ -398,6 +501,8 @@ def build_schedule(
         return pipedream(n_stages, n, vertical_sync)
     if name == "2bw":
         return two_bw(n_stages, n, microbatches)
+    if name == "wpipe":
+        return wpipe(n_stages, n, microbatches)
     return ASYNC_SCHEDULES[name](n_stages, n)
 
 

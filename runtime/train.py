@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -44,12 +44,14 @@ from runtime.executor import (
     LossFn,
     TraceRecord,
     microbatch_sizes,
+    run_stages,
     split_microbatches,
     synchronize_tied,
     tied_groups,
 )
 from runtime.schedule import (
     ASYNC_SCHEDULES,
+    Action,
     SCHEDULE_NAMES,
     STEP,
     Schedule,
@@ -59,7 +61,7 @@ from runtime.schedule import (
     stage_dependencies,
 )
 from runtime.simulate import chrome_trace
-from runtime.layout import Layout, check_layout, layout_schedule, make_layout, validate_layout
+from runtime.layout import Layout, Role, check_layout, layout_schedule, make_layout, validate_layout
 from runtime.replicas import StageReplica, replica_groups
 from runtime.stage import (
     RuntimeConfigError,
@@ -258,19 +260,21 @@ def initial_weights(config: TrainConfig, pipeline: Mapping[str, Any]) -> dict | 
 
 
 def _save_checkpoint(
-    generated: ModuleType, stage: nn.Module, layout: Layout, rank: int, path: str
+    generated: ModuleType, executors: Mapping[int, Executor], layout: Layout, path: str
 ) -> None:
     """Gather every stage's state dict (replica 0's) on rank 0 and save them merged, under
     original keys."""
-    keeps = layout.role(rank).replica == 0
-    own = (
-        {key: value.detach().cpu() for key, value in stage.state_dict().items()} if keeps else None
-    )
+    own = {
+        index: {key: value.detach().cpu() for key, value in executor.stage.state_dict().items()}
+        for index, executor in executors.items()
+        if layout.first_rank(index) == executor.rank
+    }
+    rank = dist.get_rank()
     gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(own, gathered, dst=0)
     if rank == 0:
-        stages = [gathered[layout.first_rank(s)] for s in range(layout.n_stages)]
-        torch.save(generated.merge_state_dicts(stages), path)
+        every = {index: state for part in gathered for index, state in part.items()}
+        torch.save(generated.merge_state_dicts([every[s] for s in range(layout.n_stages)]), path)
         log.info("saved %s", path)
 
 
@@ -291,10 +295,18 @@ def prepare(config: TrainConfig) -> ModuleType:
     generated = load_generated(config.model)
     check_config(config, generated.PIPELINE)
     layout = make_layout(generated.PIPELINE, config.dp)
+    if config.schedule == "wpipe" and not layout.shared:
+        raise RuntimeConfigError(
+            "--schedule wpipe runs two stages on each device: partition the model for it with "
+            "python -m autopipe.partition ... --schedule wpipe"
+        )
     check_layout(layout, int(os.environ.get("WORLD_SIZE", "1")), config.microbatches, config.dp)
     n_stages = layout.n_stages
     try:
-        if layout.replicated:
+        if layout.shared:
+            schedule = _shared_schedule(config, layout, generated.PIPELINE)
+            schedule.validate(stage_dependencies(generated.PIPELINE))
+        elif layout.replicated:
             if config.vertical_sync:
                 raise RuntimeConfigError(
                     "--vertical_sync counts weight versions in steps of a stage, which "
@@ -313,8 +325,38 @@ def prepare(config: TrainConfig) -> ModuleType:
     return generated
 
 
+def _shared_schedule(
+    config: TrainConfig, layout: Layout, pipeline: Mapping[str, Any], steps: int | None = None
+) -> Schedule:
+    """WPipe's schedule for a file that places two stages on each device; no other schedule
+    runs such a file, nor does WPipe share a tied weight between stages."""
+    if config.schedule != "wpipe":
+        raise RuntimeConfigError(
+            f"this file places two stages on each device, which only --schedule wpipe runs "
+            f"(not {config.schedule}): pass --schedule wpipe, or partition without "
+            "--schedule wpipe"
+        )
+    if any(len({s for s, _ in members}) > 1 for members in pipeline.get("tied_parameters", [])):
+        raise RuntimeConfigError(
+            "--schedule wpipe updates its two groups of stages at different times, so it "
+            "cannot keep a weight tied between stages equal: partition so that one stage holds "
+            "every copy, or use another schedule"
+        )
+    if layout.devices != tuple(s % layout.world_size for s in range(layout.n_stages)) or (
+        layout.n_stages != 2 * layout.world_size
+    ):
+        raise RuntimeConfigError(
+            f"--schedule wpipe runs stage s on device s % p of 2p stages; this file places "
+            f"its {layout.n_stages} stages on devices {list(layout.devices)}"
+        )
+    n_steps = 2 * layout.world_size if steps is None else steps
+    return build_schedule("wpipe", layout.n_stages, config.microbatches, n_steps)
+
+
 def run_schedule(config: TrainConfig, layout: Layout, steps: int) -> Schedule:
     """The schedule of a run of ``steps`` batches: one action list per rank."""
+    if layout.shared:
+        return _shared_schedule(config, layout, {"stages": []}, steps)
     if layout.replicated:
         return layout_schedule(config.schedule, layout, config.microbatches * config.dp, steps)
     return build_schedule(
@@ -322,41 +364,53 @@ def run_schedule(config: TrainConfig, layout: Layout, steps: int) -> Schedule:
     )
 
 
-def _build_executor(
+def _build_executors(
     config: TrainConfig, generated: ModuleType, layout: Layout, rank: int, device: torch.device
-) -> Executor:
-    """This rank's stage with its weights, tied copies made equal, its replicas' wrapper,
-    optimizer and comm. Every rank makes the same process groups in the same order."""
+) -> dict[int, Executor]:
+    """This rank's stages (one, or WPipe's two), each with its weights, tied copies made
+    equal, its replicas' wrapper, optimizer and comm. Every rank makes the same process groups
+    in the same order."""
     pipeline = generated.PIPELINE
-    role = layout.role(rank)
+    roles = layout.roles(rank)
     weights = initial_weights(config, pipeline)
     torch.manual_seed(config.seed)
-    stage = build_local_stage(generated, role.stage, device, weights)
+    stages = {
+        role.stage: build_local_stage(generated, role.stage, device, weights) for role in roles
+    }
     if config.no_dropout:
-        _switch_off_dropout(stage)
-    groups = tied_groups(pipeline, layout, rank, stage)
+        for stage in stages.values():
+            _switch_off_dropout(stage)
+    groups = tied_groups(pipeline, layout, rank, stages)
     synchronize_tied(groups)
-    replica_group = replica_groups(layout)[role.stage]
-    replica = None
-    if replica_group is not None:
-        # pipedream and stale step after every backward: replicas average their microbatches'
-        # gradients; otherwise each microbatch's loss carries its share and replicas sum
-        average = config.schedule in ASYNC_SCHEDULES and config.schedule != "2bw"
-        replica = StageReplica(stage, replica_group, device, average)
-    optimizer = OPTIMIZERS[config.optimizer](list(stage.parameters()), config)
+    replicas = replica_groups(layout)
     channels = make_channels(pipeline, layout, separate=backend_for(device) == "nccl")
-    comm = StageComm(pipeline, layout, rank, device, channels)
-    return Executor(
-        pipeline,
-        rank,
-        stage,
-        comm,
-        optimizer,
-        LOSSES[config.loss],
-        groups,
-        config.recompute,
-        replica,
-    )
+    mailbox: dict = {}
+    executors = {}
+    for index, stage in stages.items():
+        replica = None
+        if replicas[index] is not None:
+            # pipedream and stale step after every backward: replicas average their
+            # microbatches' gradients; otherwise each microbatch's loss carries its share
+            # and replicas sum
+            average = config.schedule in ASYNC_SCHEDULES and config.schedule != "2bw"
+            replica = StageReplica(stage, replicas[index], device, average)
+        # a stage without weights (only activations, say) steps an empty tensor, so that its
+        # schedule and learning rate run as every other stage's
+        weights_of_stage = list(stage.parameters()) or [nn.Parameter(torch.zeros(0, device=device))]
+        optimizer = OPTIMIZERS[config.optimizer](weights_of_stage, config)
+        comm = StageComm(pipeline, layout, rank, device, channels, index, mailbox)
+        executors[index] = Executor(
+            pipeline,
+            rank,
+            stage,
+            comm,
+            optimizer,
+            LOSSES[config.loss],
+            groups,
+            config.recompute,
+            replica,
+        )
+    return executors
 
 
 class RunData:
@@ -528,12 +582,18 @@ class StepLosses:
         self.since = now
 
 
+def _role_of(executor: Executor, layout: Layout) -> Role:
+    """The stage and replica an executor runs."""
+    stage = executor.stage_index
+    return Role(stage, executor.rank - layout.first_rank(stage))
+
+
 def _replica_rngs(executor: Executor, layout: Layout) -> list[dict] | None:
     """Every replica's random state, gathered on replica 0 (None elsewhere, and on a stage
     without replicas): a resumed replica goes on drawing its own dropout masks."""
     if executor.replica is None:
         return None
-    role = layout.role(executor.rank)
+    role = _role_of(executor, layout)
     first = layout.first_rank(role.stage)
     gathered: list[Any] | None = [None] * layout.replicas[role.stage] if role.replica == 0 else None
     rng = checkpoint.capture_rng()
@@ -545,25 +605,26 @@ def _save_training_state(
     config: TrainConfig,
     generated: ModuleType,
     layout: Layout,
-    executor: Executor,
-    scheduler: Any,
+    executors: Mapping[int, Executor],
+    schedulers: Mapping[int, Any],
     step: int,
 ) -> None:
     """Replica 0 of every stage writes the stage's state for ``step`` (with every replica's
     random state); rank 0 commits once all have."""
     rank, n_stages = dist.get_rank(), layout.n_stages
-    role = layout.role(rank)
-    rngs = _replica_rngs(executor, layout)
-    if role.replica == 0:
+    for index, executor in executors.items():
+        rngs = _replica_rngs(executor, layout)
+        if layout.first_rank(index) != rank:
+            continue
         state = checkpoint.StageState(
             step=step,
             model=executor.stage.state_dict(),
             optimizer=executor.optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
+            scheduler=schedulers[index].state_dict(),
             rng=checkpoint.capture_rng(),
             extra={} if rngs is None else {"replica_rng": rngs},
         )
-        checkpoint.save_stage(config.checkpoint_dir, role.stage, n_stages, state)
+        checkpoint.save_stage(config.checkpoint_dir, index, n_stages, state)
     dist.barrier()
     if rank == 0:
         meta = checkpoint.pipeline_meta(config.model, generated.PIPELINE)
@@ -707,7 +768,7 @@ def _snapshots(
 ) -> EpochSnapshots | None:
     """The epoch snapshots of ``--snapshot_dir`` for a run of ``steps``; None without, and on
     replicas other than a stage's first (they hold the same weights)."""
-    role = layout.role(executor.rank)
+    role = _role_of(executor, layout)
     if config.snapshot_dir is None or role.replica != 0:
         return None
     m = config.microbatches * config.dp
@@ -731,7 +792,7 @@ def _step_losses(
     since: float,
 ) -> StepLosses | None:
     """What the last stage's ranks do with their losses; None on the other stages."""
-    role = layout.role(executor.rank)
+    role = _role_of(executor, layout)
     if role.stage != layout.n_stages - 1:
         return None
     if executor.replica is None:
@@ -754,58 +815,85 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
     pipeline = generated.PIPELINE
     layout = make_layout(pipeline, config.dp)
     rank = dist.get_rank()
-    role = layout.role(rank)
-    if rank == 0 and layout.replicated:
+    if rank == 0 and (layout.replicated or layout.shared):
         print(f"rank layout:\n{layout.describe()}", flush=True)
-    executor = _build_executor(config, generated, layout, rank, device)
+    executors = _build_executors(config, generated, layout, rank, device)
     data = DataSource(whole_batches(config), pipeline)
     total = total_steps(config, data)
     m = config.microbatches * config.dp
     schedule = run_schedule(config, layout, total)
-    updates = optimizer_steps(schedule, total)
-    if layout.replicated and schedule.microbatches_per_step is not None:
-        updates = sum(action.kind == STEP for action in schedule.actions[rank])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        executor.optimizer,
-        lambda step: lr_factor(config.lr_schedule, step, updates, config.warmup_steps),
-    )
+    actions = schedule.actions[rank]
+    schedulers = {
+        index: torch.optim.lr_scheduler.LambdaLR(
+            executor.optimizer,
+            _lr_lambda(config, _updates(schedule, layout, actions, index, total)),
+        )
+        for index, executor in executors.items()
+    }
     torch.manual_seed(config.seed + rank)
-    start = _resume(config, layout, executor, scheduler) if config.resume else 0
-    is_last = role.stage == layout.n_stages - 1
+    first = next(iter(executors.values()))
+    start = _resume(config, layout, first, schedulers[first.stage_index]) if config.resume else 0
     if rank == 0:
         print(f"data {data.description}; {total} steps", flush=True)
     run_data = RunData(data, device, m)
+    last = executors.get(layout.n_stages - 1)
     feed = Feed(
         size_of=run_data.size_of,
         weight_of=_loss_weight(schedule, run_data),
-        inputs_for=run_data.inputs_for if role.stage == MODEL_INPUT_SOURCE else None,
-        labels_for=run_data.labels_for if is_last else None,
+        inputs_for=run_data.inputs_for if MODEL_INPUT_SOURCE in executors else None,
+        labels_for=run_data.labels_for if last is not None else None,
     )
-    reports = is_last and role.replica == 0
+    reports = last is not None and _role_of(last, layout).replica == 0
     reporter = Reporter(config, start, total, data.steps_per_epoch) if reports else None
     trace: list[TraceRecord] | None = [] if config.trace else None
     if trace is not None:
         dist.barrier()
     origin = time.perf_counter()
-    losses = _step_losses(executor, layout, schedule, run_data, reporter, origin)
-    snapshots = _snapshots(config, executor, layout, schedule, data, range(start, total))
-    after_step = _after_step(scheduler, snapshots)
-    actions = schedule.actions[rank]
-    if schedule.microbatches_per_step is None:
-        for step in range(start, total):
-            executor.run(actions, replace(feed, first=step * m), trace, losses, after_step)
-            if _checkpoint_due(config, step + 1, total):
-                _save_training_state(config, generated, layout, executor, scheduler, step + 1)
-    else:
-        executor.run(actions, feed, trace, losses, after_step)
+    losses = None
+    if last is not None:
+        losses = _step_losses(last, layout, schedule, run_data, reporter, origin)
+    after_step = {
+        index: _after_step(
+            schedulers[index],
+            _snapshots(config, executor, layout, schedule, data, range(start, total)),
+        )
+        for index, executor in executors.items()
+    }
+    if len(executors) > 1:
+        run_stages(executors, actions, feed, trace, losses, after_step)
         if _checkpoint_due(config, total, total):
-            _save_training_state(config, generated, layout, executor, scheduler, total)
+            _save_training_state(config, generated, layout, executors, schedulers, total)
+    elif schedule.microbatches_per_step is None:
+        for step in range(start, total):
+            first.run(
+                actions, replace(feed, first=step * m), trace, losses, after_step[first.stage_index]
+            )
+            if _checkpoint_due(config, step + 1, total):
+                _save_training_state(config, generated, layout, executors, schedulers, step + 1)
+    else:
+        first.run(actions, feed, trace, losses, after_step[first.stage_index])
+        if _checkpoint_due(config, total, total):
+            _save_training_state(config, generated, layout, executors, schedulers, total)
     if reporter is not None:
         reporter.close(total - start)
     if trace is not None:
         _write_trace(config, trace, origin, layout.n_stages)
     if config.save_checkpoint:
-        _save_checkpoint(generated, executor.stage, layout, rank, config.save_checkpoint)
+        _save_checkpoint(generated, executors, layout, config.save_checkpoint)
+
+
+def _updates(
+    schedule: Schedule, layout: Layout, actions: Sequence[Action], stage: int, total: int
+) -> int:
+    """How many optimizer steps ``stage`` takes on this rank in a run of ``total`` batches."""
+    if layout.replicated and schedule.microbatches_per_step is not None:
+        return sum(action.kind == STEP and action.stage == stage for action in actions)
+    return optimizer_steps(schedule, total)
+
+
+def _lr_lambda(config: TrainConfig, updates: int) -> Callable[[int], float]:
+    """The learning-rate factor of each optimizer step of a run of ``updates`` steps."""
+    return lambda step: lr_factor(config.lr_schedule, step, updates, config.warmup_steps)
 
 
 def run(config: TrainConfig) -> None:

@@ -20,6 +20,7 @@ from runtime.schedule import (
     two_bw,
     validate,
     weight_versions,
+    wpipe,
 )
 
 P, N = 4, 8
@@ -287,6 +288,7 @@ def test_registries() -> None:
         "stale": stale,
         "2bw": two_bw,
         "pipeoptim": pipeoptim,
+        "wpipe": wpipe,
     }
     assert SCHEDULES == {"gpipe": gpipe, "1f1b": one_f_one_b}
     assert ASYNC_SCHEDULES["2bw"](2, 4, 2).name == "2bw"
@@ -296,3 +298,53 @@ def test_synchronous_schedules_are_unchanged() -> None:
     assert text(one_f_one_b(P, N).actions[0]) == "F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7 S"
     assert gpipe(P, N).microbatches_per_step is None
     assert validate(gpipe(P, N), chain_dependencies(P)).steps == 2 * (N + P - 1) + 1
+
+
+@pytest.mark.parametrize(("p", "m"), [(1, 1), (2, 1), (2, 4), (3, 2), (4, 4), (4, 8)])
+def test_wpipe_places_two_stages_per_device_and_validates(p: int, m: int) -> None:
+    schedule = wpipe(2 * p, 3 * m, m)
+    validate(schedule, chain_dependencies(2 * p))
+    assert len(schedule.actions) == p
+    for device, actions in enumerate(schedule.actions):
+        assert {action.stage for action in actions} == {device, device + p}
+
+
+def test_wpipe_group_one_is_a_batch_behind_and_group_two_fresh() -> None:
+    p, m, batches = 3, 4, 4
+    schedule = wpipe(2 * p, batches * m, m)
+    used = {(kind, s): versions(schedule, kind)[s] for kind in "FB" for s in range(2 * p)}
+    for k in range(batches * m):
+        batch = k // m
+        for s in range(2 * p):
+            expected = max(0, batch - 1) if s < p else batch
+            assert used[("F", s)][k] == used[("B", s)][k] == expected, (s, k)
+    # each stage steps once per batch, after that batch's backwards on it
+    for actions in schedule.actions:
+        for stage in {a.stage for a in actions}:
+            own = [a for a in actions if a.stage == stage]
+            steps = [i for i, a in enumerate(own) if a.kind == "S"]
+            assert len(steps) == batches
+            for t, position in enumerate(steps):
+                done = {a.microbatch for a in own[:position] if a.kind == "B"}
+                assert done == set(range((t + 1) * m)), (stage, t)
+
+
+def test_wpipe_runs_group_one_forwards_of_the_next_batch_early_and_keeps_its_versions() -> None:
+    p, m = 2, 4
+    schedule = wpipe(2 * p, 3 * m, m)
+    device_0 = schedule.actions[0]
+    first_next_batch = next(
+        i for i, a in enumerate(device_0) if a.kind == "F" and a.stage == 0 and a.microbatch == m
+    )
+    last_group_two_backward = max(
+        i for i, a in enumerate(device_0) if a.kind == "B" and a.stage == p and a.microbatch < m
+    )
+    assert first_next_batch < last_group_two_backward  # moved ahead of group 2's backwards
+    assert weight_versions(schedule) == [2] * p + [1] * p
+
+
+def test_wpipe_rejects_an_odd_stage_count_and_partial_batches() -> None:
+    with pytest.raises(ScheduleError, match="even number of stages"):
+        wpipe(3, 4, 2)
+    with pytest.raises(ScheduleError, match="multiple of 4"):
+        wpipe(4, 6, 4)

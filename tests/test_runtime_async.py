@@ -20,6 +20,8 @@ from test_weights import compute, lockstep_order
 from torch import nn
 
 import autopipe
+from autopipe.cost import CostModel
+from autopipe.partitioning import PartitionOptions
 from runtime.data import DataSource
 from runtime.schedule import build_schedule
 from runtime.stage import build_local_stage, load_generated
@@ -141,6 +143,69 @@ def reference(folder: Path, schedule_name: str, optimizer: str, vertical_sync: b
     return generated.merge_state_dicts([stage.state_dict() for stage in stages])
 
 
+@pytest.fixture(scope="module")
+def tiny_wpipe(tiny: Path) -> Path:
+    """TwoBlocks in 4 stages (a layer each) placed two per device for WPipe on 2 devices."""
+    torch.manual_seed(0)
+    options = PartitionOptions(cost=CostModel(schedule="wpipe"))
+    autopipe.compile(
+        TwoBlocks(), (torch.randn(BATCH, 8),), n_stages=4, method="params",
+        output=tiny / "tiny_wpipe.py", analysis=False, options=options,
+    )  # fmt: skip
+    return tiny / "tiny_wpipe.py"
+
+
+def wpipe_reference(folder: Path, generated: Path) -> dict:
+    """WPipe's update rule on the whole model in this process: batch t is computed with the
+    first group's weights of step t - 1 (its stages 0 and 1) and the second group's newest
+    (stages 2 and 3), and both groups take that gradient with SGD and momentum."""
+    model = TwoBlocks()
+    model.load_state_dict(torch.load(folder / "init.pt"))
+    stages = load_generated(generated)
+    first_group = {
+        key for s in (0, 1) for key in stages.build_stage(s, model.state_dict()).state_dict()
+    }
+    assert first_group and first_group != set(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    history = [{k: v.clone() for k, v in model.state_dict().items() if k in first_group}]
+    for step in range(STEPS):
+        computing = TwoBlocks()
+        computing.load_state_dict({**model.state_dict(), **history[max(0, step - 1)]})
+        loss = sum(
+            F.cross_entropy(computing(x), y) * len(y) / BATCH
+            for x, y in (_microbatch(folder, step * M + part) for part in range(M))
+        )
+        loss.backward()
+        for live, used in zip(model.parameters(), computing.parameters()):
+            live.grad = used.grad
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append({k: v.clone() for k, v in model.state_dict().items() if k in first_group})
+    return model.state_dict()
+
+
+def test_wpipe_training_follows_its_update_rule(
+    tiny: Path, tiny_wpipe: Path, tmp_path: Path
+) -> None:
+    saved = tmp_path / "trained.pt"
+    flags = _flags(
+        tiny, "wpipe", "sgd", "--model", str(tiny_wpipe), "--save_checkpoint", str(saved)
+    )
+    result = _ok(launch(2, *flags, "--trace", str(tmp_path / "trace.json")))
+    assert "rank 0: stages 0, 2\nrank 1: stages 1, 3" in result.stdout
+    _assert_close(torch.load(saved), wpipe_reference(tiny, tiny_wpipe))
+    steps = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert steps == [str(step) for step in range(STEPS)]
+
+
+def test_wpipe_differs_from_2bw_and_from_fresh_weights(tiny: Path, tiny_wpipe: Path) -> None:
+    """The rule the test above checks is WPipe's own: a one-step delay everywhere (2BW) or
+    nowhere (plain SGD) reaches other weights on this model."""
+    expected = wpipe_reference(tiny, tiny_wpipe)
+    delayed = reference(tiny, "2bw", "sgd", False)
+    assert any(not torch.allclose(expected[k], delayed[k], atol=1e-6) for k in expected)
+
+
 def _assert_close(found: dict, expected: dict) -> None:
     assert list(found) == list(expected)
     for key, value in expected.items():
@@ -229,3 +294,19 @@ def test_async_flags_that_cannot_work_are_one_line_errors(
     tiny: Path, schedule: str, extra: list[str], message: str
 ) -> None:
     _one_line_error(launch(1, *_flags(tiny, schedule, "sgd"), *extra), message)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "wpipe_file", "extra", "message"),
+    [
+        ("wpipe", False, [], "partition the model for it with"),
+        ("1f1b", True, [], "which only --schedule wpipe runs"),
+        ("wpipe", True, ["--dp", "2"], "drop --dp"),
+    ],
+)
+def test_wpipe_needs_its_own_file_and_layout(
+    tiny: Path, tiny_wpipe: Path, schedule: str, wpipe_file: bool, extra: list[str], message: str
+) -> None:
+    model = ["--model", str(tiny_wpipe)] if wpipe_file else []
+    world = 2 if wpipe_file and "--dp" not in extra else 1
+    _one_line_error(launch(world, *_flags(tiny, schedule, "sgd"), *model, *extra), message)

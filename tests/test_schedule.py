@@ -106,7 +106,7 @@ def test_registry_and_names() -> None:
     assert SCHEDULES == {"gpipe": gpipe, "1f1b": one_f_one_b}
     assert [make(2, 3).name for make in SCHEDULES.values()] == ["gpipe", "1f1b"]
     assert SCHEDULE_NAMES == ("gpipe", "1f1b", *ASYNC_SCHEDULES)
-    assert SCHEDULE_NAMES[2:] == ("pipedream", "stale", "2bw", "pipeoptim")
+    assert SCHEDULE_NAMES[2:] == ("pipedream", "stale", "2bw", "pipeoptim", "wpipe")
 
 
 def test_build_schedule_covers_a_batch_or_a_whole_run() -> None:
