@@ -339,3 +339,32 @@ def _check_rank_order(rank: int, actions: Sequence[Action]) -> None:
             forwards.add(action.microbatch)
         elif action.microbatch not in forwards:
             raise ScheduleError(f"rank {rank}: {action} comes before its forward")
+
+
+def check_wpipe(schedule: str, layout: Layout, pipeline: Mapping[str, Any]) -> None:
+    """``--schedule wpipe`` and a file partitioned for it go together: 2p stages, stage s on
+    device s % p. WPipe's groups step at different times, so no weight may be tied between
+    stages."""
+    if not layout.shared:
+        if schedule == "wpipe":
+            raise RuntimeConfigError(
+                "--schedule wpipe runs two stages on each device: partition the model for it "
+                "with python -m autopipe.partition ... --schedule wpipe"
+            )
+        return
+    if schedule != "wpipe":
+        raise RuntimeConfigError(
+            f"this file places two stages on each device, which only --schedule wpipe runs "
+            f"(not {schedule}): pass --schedule wpipe, or partition without --schedule wpipe"
+        )
+    if any(len({s for s, _ in members}) > 1 for members in pipeline.get("tied_parameters", [])):
+        raise RuntimeConfigError(
+            "--schedule wpipe updates its two groups of stages at different times, so it "
+            "cannot keep a weight tied between stages equal: use another schedule for this model"
+        )
+    p = layout.world_size
+    if layout.n_stages != 2 * p or layout.devices != tuple(s % p for s in range(2 * p)):
+        raise RuntimeConfigError(
+            f"--schedule wpipe runs stage s on device s % p of 2p stages; this file places "
+            f"its {layout.n_stages} stages on devices {list(layout.devices or ())}"
+        )

@@ -45,6 +45,7 @@ from runtime.schedule import (
     stage_dependencies,
     weight_versions,
 )
+from runtime.layout import check_wpipe, make_layout
 from runtime.stage import RuntimeConfigError, load_generated
 
 PROG = "runtime.simulate"
@@ -777,6 +778,7 @@ def run(args: argparse.Namespace) -> str:
     """Simulate the file's costs under the schedule, write the pictures asked for, report."""
     _check_args(args)
     pipeline = load_generated(args.model).PIPELINE
+    check_wpipe(args.schedule, make_layout(pipeline), pipeline)
     costs = costs_from_pipeline(pipeline, args.bw, args.microbatches, args.batch_size)
     dependencies = stage_dependencies(pipeline)
     n_stages = len(pipeline["stages"])

@@ -61,7 +61,15 @@ from runtime.schedule import (
     stage_dependencies,
 )
 from runtime.simulate import chrome_trace
-from runtime.layout import Layout, Role, check_layout, layout_schedule, make_layout, validate_layout
+from runtime.layout import (
+    Layout,
+    Role,
+    check_layout,
+    check_wpipe,
+    layout_schedule,
+    make_layout,
+    validate_layout,
+)
 from runtime.replicas import StageReplica, replica_groups
 from runtime.stage import (
     RuntimeConfigError,
@@ -295,11 +303,8 @@ def prepare(config: TrainConfig) -> ModuleType:
     generated = load_generated(config.model)
     check_config(config, generated.PIPELINE)
     layout = make_layout(generated.PIPELINE, config.dp)
-    if config.schedule == "wpipe" and not layout.shared:
-        raise RuntimeConfigError(
-            "--schedule wpipe runs two stages on each device: partition the model for it with "
-            "python -m autopipe.partition ... --schedule wpipe"
-        )
+    if not layout.shared:
+        check_wpipe(config.schedule, layout, generated.PIPELINE)
     check_layout(layout, int(os.environ.get("WORLD_SIZE", "1")), config.microbatches, config.dp)
     n_stages = layout.n_stages
     try:
@@ -328,27 +333,9 @@ def prepare(config: TrainConfig) -> ModuleType:
 def _shared_schedule(
     config: TrainConfig, layout: Layout, pipeline: Mapping[str, Any], steps: int | None = None
 ) -> Schedule:
-    """WPipe's schedule for a file that places two stages on each device; no other schedule
-    runs such a file, nor does WPipe share a tied weight between stages."""
-    if config.schedule != "wpipe":
-        raise RuntimeConfigError(
-            f"this file places two stages on each device, which only --schedule wpipe runs "
-            f"(not {config.schedule}): pass --schedule wpipe, or partition without "
-            "--schedule wpipe"
-        )
-    if any(len({s for s, _ in members}) > 1 for members in pipeline.get("tied_parameters", [])):
-        raise RuntimeConfigError(
-            "--schedule wpipe updates its two groups of stages at different times, so it "
-            "cannot keep a weight tied between stages equal: partition so that one stage holds "
-            "every copy, or use another schedule"
-        )
-    if layout.devices != tuple(s % layout.world_size for s in range(layout.n_stages)) or (
-        layout.n_stages != 2 * layout.world_size
-    ):
-        raise RuntimeConfigError(
-            f"--schedule wpipe runs stage s on device s % p of 2p stages; this file places "
-            f"its {layout.n_stages} stages on devices {list(layout.devices)}"
-        )
+    """WPipe's schedule for a file that places two stages on each device (checked with
+    :func:`runtime.layout.check_wpipe`)."""
+    check_wpipe(config.schedule, layout, pipeline)
     n_steps = 2 * layout.world_size if steps is None else steps
     return build_schedule("wpipe", layout.n_stages, config.microbatches, n_steps)
 

@@ -12,6 +12,8 @@ from torch import nn
 
 import autopipe
 from autopipe.analysis import pipeline_ms
+from autopipe.cost import CostModel
+from autopipe.partitioning import PartitionOptions
 from runtime.schedule import (
     Action,
     Schedule,
@@ -310,6 +312,30 @@ def test_the_command_simulates_an_asynchronous_run(
     assert "stage 0  F0@0 F1@0" in out
     main(["--model", str(generated), "--schedule", "2bw", "--microbatches", "2", "--steps", "3"])
     assert "(3 steps in " in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def generated_wpipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MLP in four stages placed two per device for WPipe."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 4))
+    path = tmp_path_factory.mktemp("simulate") / "m_wpipe.py"
+    options = PartitionOptions(cost=CostModel(schedule="wpipe"))
+    autopipe.compile(model, (torch.randn(8, 16),), n_stages=4, output=path, options=options)
+    return path
+
+
+def test_the_command_simulates_wpipe_one_row_per_device(
+    generated_wpipe: Path, capsys: pytest.CaptureFixture
+) -> None:
+    main(["--model", str(generated_wpipe), "--schedule", "wpipe", "--microbatches", "2"])
+    out = capsys.readouterr().out
+    assert "device 0  0:F0@0" in out and "device 1  .  " in out
+    table = out.split("versions\n")[1].splitlines()
+    assert [row.split()[-1] for row in table[:4]] == ["2", "2", "1", "1"]
+    with pytest.raises(SystemExit):
+        main(["--model", str(generated_wpipe), "--schedule", "1f1b"])
+    assert "which only --schedule wpipe runs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
