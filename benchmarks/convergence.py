@@ -13,7 +13,10 @@ mode, on the digits test split. It prints, per schedule, the final test accuracy
 loss (the mean of the last epoch's step losses), the difference from 1f1b in points and whether
 it is within ``TARGET_POINTS`` of 1f1b, and draws test accuracy per epoch to ``--plot``.
 
-gpipe, 1f1b and 2bw update once per batch; pipedream (with and without vertical sync), pipeoptim
+wpipe trains a second file of the same stage count whose stages are placed two per process
+(``--schedule wpipe`` of the partitioner), on half the processes, from the same weights.
+
+gpipe, 1f1b, 2bw and wpipe update once per batch; pipedream (with and without vertical sync), pipeoptim
 and stale once per microbatch, so at the same learning rate they make m times as many updates
 on batches m times smaller: that is how those methods train, and the header says so. stale is
 the unmitigated baseline, reported whether or not it meets the target. The seconds column is
@@ -46,6 +49,8 @@ from torch import nn
 
 from launch import BenchmarkError, run_measured
 import autopipe
+from autopipe.cost import CostModel
+from autopipe.partitioning import PartitionOptions
 from runtime.data import DataSource
 from runtime.stage import load_generated
 from runtime.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig
@@ -76,6 +81,7 @@ RUNS = (
     Run("2bw", "2bw"),
     Run("pipeoptim", "pipeoptim", per_microbatch=True),
     Run("stale", "stale", per_microbatch=True),
+    Run("wpipe", "wpipe"),
 )
 
 
@@ -109,13 +115,14 @@ class DigitsCNN(nn.Module):
         return self.out(torch.relu(self.hidden(x)))
 
 
-def compile_model(args: argparse.Namespace) -> Path:
+def compile_model(args: argparse.Namespace, wpipe: bool = False) -> Path:
     """The CNN compiled into ``--stages`` stages in ``--workdir``, its initial weights (seeded)
-    saved beside it as ``INITIAL_WEIGHTS``."""
+    saved beside it as ``INITIAL_WEIGHTS``; with ``wpipe``, stages placed two per device."""
     torch.manual_seed(args.seed)
     model = DigitsCNN()
-    generated = args.workdir / "digits_cnn.py"
+    generated = args.workdir / ("digits_cnn_wpipe.py" if wpipe else "digits_cnn.py")
     example = (torch.randn(args.batch_size // args.microbatches, 1, 8, 8),)
+    options = PartitionOptions(cost=CostModel(schedule="wpipe")) if wpipe else None
     autopipe.compile(
         model,
         example,
@@ -123,6 +130,7 @@ def compile_model(args: argparse.Namespace) -> Path:
         output=generated,
         method=args.method,
         analysis=False,
+        options=options,
     )
     torch.save(model.state_dict(), args.workdir / INITIAL_WEIGHTS)
     check_stages(load_generated(generated), args.method)
@@ -158,9 +166,10 @@ def runtime_command(args: argparse.Namespace, run: Run, model: Path, folder: Pat
     }
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     pairs = [str(item) for pair in flags.items() for item in pair]
+    processes = args.stages // 2 if run.schedule == "wpipe" else args.stages
     return [
         *launcher,
-        *("--nproc_per_node", str(args.stages), "-m", "runtime"),
+        *("--nproc_per_node", str(processes), "-m", "runtime"),
         *pairs,
         *run.flags,
         "--no_progress",
@@ -303,6 +312,10 @@ def check_args(args: argparse.Namespace, runs: Sequence[Run]) -> None:
             f"2bw needs --microbatches of at least the {args.stages} stages: raise it, or leave "
             "2bw out of --schedules"
         )
+    if any(run.schedule == "wpipe" for run in runs) and args.stages % 2:
+        raise BenchmarkError(
+            f"wpipe runs two stages per process, so it needs an even --stages, got {args.stages}"
+        )
 
 
 def _labels(runs: Sequence[Run], per_microbatch: bool) -> str:
@@ -337,6 +350,11 @@ def benchmark(args: argparse.Namespace) -> None:
             raise BenchmarkError(f"{args.workdir} exists: remove it or pass another --workdir")
         args.workdir.mkdir(parents=True)
         model = compile_model(args)
+        models = (
+            {"wpipe": compile_model(args, wpipe=True)}
+            if any(run.schedule == "wpipe" for run in runs)
+            else {}
+        )
         pipeline = load_generated(model).PIPELINE
         config = TrainConfig(
             str(model), data="digits", batch_size=args.batch_size, microbatches=args.microbatches
@@ -345,7 +363,7 @@ def benchmark(args: argparse.Namespace) -> None:
         test = digits_test_split(pipeline, model)
         outcomes = []
         for run in runs:
-            outcome = measure(args, run, model, test)
+            outcome = measure(args, run, models.get(run.schedule, model), test)
             scores = " ".join(f"{a:.1f}" for a in outcome.accuracy)
             print(f"{run.label}: test accuracy per epoch {scores}", flush=True)
             outcomes.append(outcome)

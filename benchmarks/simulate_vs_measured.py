@@ -111,17 +111,21 @@ def run_quietly(command: list[str], threads: int, timeout: float, label: str) ->
     return run_measured(label, command, threads, timeout).stdout
 
 
-def generate(model: str, args: argparse.Namespace, threads: int, folder: Path) -> Path:
-    """Write ``model`` as P stages, profiled on this CPU at the batch ``--profile_at`` says."""
+def generate(
+    model: str, args: argparse.Namespace, threads: int, folder: Path, wpipe: bool = False
+) -> Path:
+    """Write ``model`` as P stages, profiled on this CPU at the batch ``--profile_at`` says; with
+    ``wpipe``, as 2P stages placed two per process (``--schedule wpipe``)."""
     batch = args.batch_size // args.microbatches
     if args.profile_at == "batch":
         batch = args.batch_size
-    path = folder / f"{model}_b{batch}_p{args.stages}.py"
+    path = folder / f"{model}_b{batch}_p{args.stages}{'_wpipe' if wpipe else ''}.py"
     command = [
         *(sys.executable, "-m", "autopipe.partition", family_of(model), "--model", model),
         *("-p", str(args.stages), "-b", str(batch), "-o", str(path)),
         *("--profile", "measured", "--device", "cpu", "--no_recomputation"),
         *("--overwrite_profiles_cache", "--no_analysis"),
+        *(("--schedule", "wpipe") if wpipe else ()),
     ]
     run_quietly(command, threads, args.timeout, f"partitioning {model}")
     return path
@@ -247,10 +251,16 @@ def measure(path: Path, name: str, args: argparse.Namespace, threads: int, trace
     run_quietly(command, threads, args.timeout, f"the runtime with {name}")
     events = json.loads(trace.read_text())["traceEvents"]
     last = args.stages - 1
+    # the last process runs the last stage, and under wpipe one more, named in each action
+    stages = len(load_generated(path).PIPELINE["stages"])
+    prefix = f"{stages - 1}:" if stages > args.stages else ""
     ends = [
         (e["ts"] + e["dur"]) / 1e3
         for e in events
-        if e["ph"] == "X" and e["cat"] == "backward" and e["tid"] == last
+        if e["ph"] == "X"
+        and e["cat"] == "backward"
+        and e["tid"] == last
+        and e["name"].startswith(prefix)
     ]
     gaps = batch_gaps_ms(ends, args.microbatches)[args.warmup : -1]
     if not gaps:
@@ -290,15 +300,28 @@ def check_args(args: argparse.Namespace) -> None:
 
 def benchmark_model(model: str, args: argparse.Namespace, threads: int, scratch: Path) -> list[Row]:
     """Generate and profile ``model``, then predict and measure every schedule."""
-    path = generate(model, args, threads, scratch)
-    costs = stage_costs(path, args)
-    shown = ", ".join(
-        f"stage {s}: F {f:.2f} B {b:.2f} S {st:.2f}"
-        for s, (f, b, st) in enumerate(zip(costs.forward_ms, costs.backward_ms, costs.step_ms))
-    )
-    print(f"{model}: per microbatch (ms) {shown}; loss {costs.loss_ms:.2f} in the last B")
+    paths = {False: generate(model, args, threads, scratch)}
+    schedules = list(args.schedules)
+    if "wpipe" in schedules:
+        paths[True] = generate(model, args, threads, scratch, wpipe=True)
+        tied = load_generated(paths[True]).PIPELINE.get("tied_parameters", [])
+        if any(len({stage for stage, _ in members}) > 1 for members in tied):
+            print(f"{model}: no wpipe row, it ties weights across stages, which wpipe cannot run")
+            schedules.remove("wpipe")
+            del paths[True]
+    every_costs = {wpipe: stage_costs(path, args) for wpipe, path in paths.items()}
+    for wpipe, costs in every_costs.items():
+        shown = ", ".join(
+            f"stage {s}: F {f:.2f} B {b:.2f} S {st:.2f}"
+            for s, (f, b, st) in enumerate(zip(costs.forward_ms, costs.backward_ms, costs.step_ms))
+        )
+        which = " (wpipe's file)" if wpipe else ""
+        print(
+            f"{model}{which}: per microbatch (ms) {shown}; loss {costs.loss_ms:.2f} in the last B"
+        )
     rows = []
-    for name in args.schedules:
+    for name in schedules:
+        path, costs = paths[name == "wpipe"], every_costs[name == "wpipe"]
         timeline = predict(path, costs, name, args)
         trace = scratch / f"{model}_{name}.json"
         measured = measure(path, name, args, threads, trace)
