@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+import autopipe
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 REPO = Path(__file__).resolve().parent.parent
@@ -33,3 +37,35 @@ def launch(n_procs: int, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S, check=False
     )
+
+
+class NoisyMLP(nn.Module):
+    """An MLP with batch norm and dropout in both halves, so recomputation and resuming must
+    replay random masks and keep running statistics exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.3)
+        self.hidden = nn.Linear(16, 16)
+        self.drop2 = nn.Dropout(0.2)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.norm(self.inp(x))))
+        return self.out(self.drop2(torch.relu(self.hidden(h))) + h)
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """NoisyMLP in 2 stages, with its weights and a 32-sample data set saved beside it."""
+    tmp_path = tmp_path_factory.mktemp("noisy")
+    torch.manual_seed(0)
+    model = NoisyMLP()
+    autopipe.compile(model, (torch.randn(8, 8),), n_stages=2, output=tmp_path / "noisy.py")
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    inputs = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 5, (32,), generator=torch.Generator().manual_seed(2))
+    torch.save({"inputs": (inputs,), "labels": labels}, tmp_path / "data.pt")
+    return tmp_path

@@ -31,7 +31,7 @@ from runtime.layout import (
 from runtime.schedule import ScheduleError, chain_dependencies, one_f_one_b
 from runtime.stage import RuntimeConfigError
 from test_runtime import SkipMLP, _max_difference, _train_original
-from test_runtime_training import NoisyMLP, _assert_same, _ok, _with_fault
+from test_runtime_training import _assert_same, _ok, _with_fault
 
 STEPS = 3
 
@@ -214,26 +214,18 @@ def test_tied_weights_across_replicated_stages(tmp_path: Path) -> None:
     print(f"gpt2_tiny, p=2 x dp=2, tied embedding: max parameter difference {difference:.3g}")
 
 
-def test_a_crashed_grid_resumes_to_the_same_weights(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = NoisyMLP()
-    autopipe.compile(model, (torch.randn(8, 8),), n_stages=2, output=tmp_path / "noisy.py")
-    torch.save(model.state_dict(), tmp_path / "init.pt")
-    inputs = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
-    labels = torch.randint(0, 5, (32,), generator=torch.Generator().manual_seed(2))
-    torch.save({"inputs": (inputs,), "labels": labels}, tmp_path / "data.pt")
-
+def test_a_crashed_grid_resumes_to_the_same_weights(noisy: Path, tmp_path: Path) -> None:
     def flags(model_file: Path) -> list[str]:
         return [
-            "--model", str(model_file), "--init_checkpoint", str(tmp_path / "init.pt"),
-            "--data", f"tensors:{tmp_path / 'data.pt'}", "--batch_size", "8",
+            "--model", str(model_file), "--init_checkpoint", str(noisy / "init.pt"),
+            "--data", f"tensors:{noisy / 'data.pt'}", "--batch_size", "8",
             "--microbatches", "1", "--dp", "2", "--optimizer", "adam", "--lr", "0.01",
             "--steps", "4", "--no_progress",
         ]  # fmt: skip
 
     straight = tmp_path / "straight.pt"
-    _ok(launch(4, *flags(tmp_path / "noisy.py"), "--save_checkpoint", str(straight)))
-    crashing = _with_fault(tmp_path / "noisy.py", tmp_path / "crashing.py", 1, 3,
+    _ok(launch(4, *flags(noisy / "noisy.py"), "--save_checkpoint", str(straight)))
+    crashing = _with_fault(noisy / "noisy.py", tmp_path / "crashing.py", 1, 3,
                            'raise RuntimeError("injected fault")')  # fmt: skip
     checkpoints, resumed = tmp_path / "checkpoints", tmp_path / "resumed.pt"
     saving = ["--checkpoint_dir", str(checkpoints), "--checkpoint_every", "2"]
@@ -241,7 +233,7 @@ def test_a_crashed_grid_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert crashed.returncode != 0
     assert "RuntimeError: injected fault" in crashed.stderr
     assert json.loads((checkpoints / "latest.json").read_text())["step"] == 2
-    _ok(launch(4, *flags(tmp_path / "noisy.py"), *saving, "--resume",
+    _ok(launch(4, *flags(noisy / "noisy.py"), *saving, "--resume",
                "--save_checkpoint", str(resumed)))  # fmt: skip
     _assert_same(torch.load(resumed), torch.load(straight))
 
