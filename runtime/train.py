@@ -303,47 +303,29 @@ def prepare(config: TrainConfig) -> ModuleType:
     generated = load_generated(config.model)
     check_config(config, generated.PIPELINE)
     layout = make_layout(generated.PIPELINE, config.dp)
-    if not layout.shared:
-        check_wpipe(config.schedule, layout, generated.PIPELINE)
+    check_wpipe(config.schedule, layout, generated.PIPELINE)
     check_layout(layout, int(os.environ.get("WORLD_SIZE", "1")), config.microbatches, config.dp)
-    n_stages = layout.n_stages
+    if layout.replicated and config.vertical_sync:
+        raise RuntimeConfigError(
+            "--vertical_sync counts weight versions in steps of a stage, which replicated "
+            "stages take at different rates: drop it, or run one rank per stage"
+        )
+    dependencies = stage_dependencies(generated.PIPELINE)
     try:
-        if layout.shared:
-            schedule = _shared_schedule(config, layout, generated.PIPELINE)
-            schedule.validate(stage_dependencies(generated.PIPELINE))
-        elif layout.replicated:
-            if config.vertical_sync:
-                raise RuntimeConfigError(
-                    "--vertical_sync counts weight versions in steps of a stage, which "
-                    "replicated stages take at different rates: drop it, or run one rank per stage"
-                )
-            m = config.microbatches * config.dp
-            schedule = layout_schedule(config.schedule, layout, m, 2 * n_stages)
-            validate_layout(schedule, layout, stage_dependencies(generated.PIPELINE))
+        schedule = run_schedule(config, layout, 2 * layout.n_stages)
+        if layout.replicated:
+            validate_layout(schedule, layout, dependencies)
         else:
-            schedule = build_schedule(
-                config.schedule, n_stages, config.microbatches, 2 * n_stages, config.vertical_sync
-            )
-            schedule.validate(stage_dependencies(generated.PIPELINE))
+            schedule.validate(dependencies)
     except ScheduleError as error:
         raise RuntimeConfigError(str(error)) from None
     return generated
 
 
-def _shared_schedule(
-    config: TrainConfig, layout: Layout, pipeline: Mapping[str, Any], steps: int | None = None
-) -> Schedule:
-    """WPipe's schedule for a file that places two stages on each device (checked with
-    :func:`runtime.layout.check_wpipe`)."""
-    check_wpipe(config.schedule, layout, pipeline)
-    n_steps = 2 * layout.world_size if steps is None else steps
-    return build_schedule("wpipe", layout.n_stages, config.microbatches, n_steps)
-
-
 def run_schedule(config: TrainConfig, layout: Layout, steps: int) -> Schedule:
     """The schedule of a run of ``steps`` batches: one action list per rank."""
     if layout.shared:
-        return _shared_schedule(config, layout, {"stages": []}, steps)
+        return build_schedule("wpipe", layout.n_stages, config.microbatches, steps)
     if layout.replicated:
         return layout_schedule(config.schedule, layout, config.microbatches * config.dp, steps)
     return build_schedule(
