@@ -296,7 +296,9 @@ def simulate_costs(
     step for the backwards of its stage before it. Transfers overlap computation (sends are
     asynchronous); only the receiver waits. Stages that hold copies of one tied weight sum its
     gradient before every step, so each group in ``tied_stages`` starts its k-th steps together,
-    when the last of them gets there. Raises :class:`ScheduleError` on a deadlock.
+    when the last of them gets there. A forward that predicts weights (PipeOptim) also takes
+    its stage's step time: it writes every weight once, as a step does. Raises
+    :class:`ScheduleError` on a deadlock.
     """
     n = schedule.n_stages
     _check_dependencies(dependencies, n)
@@ -330,7 +332,11 @@ def simulate_costs(
                 start = barrier.start(key, max(free[device], ready))
                 if start is None:
                     break
-                free[device] = end[key] = start + durations[key[0].kind][key[0].stage]
+                action = key[0]
+                duration = durations[action.kind][action.stage]
+                if action.predict:  # PipeOptim writes predicted weights, a step's worth of work
+                    duration += durations[STEP][action.stage]
+                free[device] = end[key] = start + duration
                 timed[(device, position[device])] = TimedAction(key[0], device, start, end[key])
                 position[device] += 1
                 moved = True

@@ -384,3 +384,15 @@ def test_tied_stage_groups_come_from_the_pipeline() -> None:
         "tied_parameters": [[[0, "wte.weight"], [3, "lm_head.weight"]], [[1, "a"], [1, "b"]]]
     }
     assert tied_stage_groups(pipeline) == (frozenset({0, 3}),)
+
+
+def test_a_forward_that_predicts_weights_pays_its_stages_step() -> None:
+    """PipeOptim's forwards on stage 0 (of 2) predict one step ahead, writing every weight as a
+    step does; stage 1's forwards predict nothing."""
+    schedule = build_schedule("pipeoptim", 2, 2, steps=2)
+    timeline = uniform(schedule, step_ms=[0.5, 0.25])
+    for record in timeline.records:
+        if record.action.kind == "F":
+            expected = 1.5 if record.action.stage == 0 else 1.0
+            assert record.action.predict == (1 if record.action.stage == 0 else 0)
+            assert record.end_ms - record.start_ms == pytest.approx(expected)
