@@ -46,12 +46,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch
-from launch import BenchmarkError, run_measured
-from runtime_throughput import figures, torchrun, wants_cuda
+from launch import BenchmarkError, figures, run_measured, torchrun
 
 from autopipe.profile import CACHE_ENV_VAR
 from autopipe.tasks import FAMILIES
-from runtime.stage import DEVICES
+from runtime.stage import DEVICES, wants_cuda
 
 PROG = "hybrid_throughput"
 DEFAULT_MODELS = {"vision": "resnet_tiny", "nlp": "gpt2_tiny"}

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import statistics
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,3 +57,45 @@ def run_measured(
         reason = failure_reason(stderr or stdout)
         raise BenchmarkError(f"{label} failed (exit {process.returncode}): {reason}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+# the runtime's per-step line: step, loss and samples/s
+STEP_LINE = re.compile(r"^step (\d+)\b.* loss (\S+)\b.* samples/s (\S+)")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One run's throughput over its measured steps."""
+
+    label: str
+    samples_per_s: float
+    median_samples_per_s: float
+    first_loss: float
+    last_loss: float
+
+
+def torchrun(n_procs: int) -> list[str]:
+    """torchrun on a free port, so other jobs on this machine do not collide with ours."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, "--nproc_per_node", str(n_procs)]
+
+
+def figures(label: str, stdout: str, batch: int, warmup: int) -> Figures:
+    """Samples over total time of the steps after ``warmup``, from the printed step lines."""
+    steps = [
+        (int(m.group(1)), float(m.group(2)), float(m.group(3)))
+        for m in map(STEP_LINE.search, stdout.splitlines())
+        if m
+    ]
+    measured = [(loss, rate) for step, loss, rate in steps if step >= warmup]
+    if not measured:
+        raise BenchmarkError(f"{label} printed no step lines after the {warmup} warm-up steps")
+    seconds = sum(batch / rate for _, rate in measured)
+    rates = [rate for _, rate in measured]
+    return Figures(
+        label,
+        batch * len(measured) / seconds,
+        statistics.median(rates),
+        first_loss=steps[0][1],
+        last_loss=steps[-1][1],
+    )

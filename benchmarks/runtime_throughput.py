@@ -39,13 +39,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -56,39 +53,22 @@ sys.path.insert(0, str(REPO))
 
 import torch
 import torch.distributed as dist
-from launch import BenchmarkError, run_measured
+from launch import BenchmarkError, Figures, figures, run_measured, torchrun
 from torch import nn
 
 from runtime.comm import value_specs
 from runtime.data import DataSource
 from runtime.executor import reduce_tied_gradients, synchronize_tied, tied_groups
 from runtime.layout import Layout
-from runtime.stage import DEVICES, RuntimeConfigError, backend_for, load_generated
+from runtime.stage import DEVICES, RuntimeConfigError, backend_for, load_generated, wants_cuda
 from runtime.train import LOSSES, OPTIMIZERS, TrainConfig
 
 PROG = "runtime_throughput"
 LOSS = "cross_entropy"
-STEP_LINE = re.compile(r"^step (\d+)\b.* loss (\S+)\b.* samples/s (\S+)")
 
 
 class UsageError(BenchmarkError):
     """Flags that cannot make a run, with what to change."""
-
-
-@dataclass(frozen=True)
-class Figures:
-    """One run's throughput over its measured steps."""
-
-    label: str
-    samples_per_s: float
-    median_samples_per_s: float
-    first_loss: float
-    last_loss: float
-
-
-def wants_cuda(preference: str) -> bool:
-    """``cuda``, or ``auto`` on a machine with CUDA."""
-    return preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
 
 
 def pick_device(preference: str) -> torch.device:
@@ -300,12 +280,6 @@ def shared_flags(args: argparse.Namespace) -> list[str]:
     return [str(item) for pair in flags.items() for item in pair]
 
 
-def torchrun(n_procs: int) -> list[str]:
-    """torchrun on a free port, so other jobs on this machine do not collide with ours."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    return [*launcher, "--nproc_per_node", str(n_procs)]
-
-
 def commands(args: argparse.Namespace, n_stages: int) -> dict[str, list[str]]:
     """The three runs, labelled, in the order they are made."""
     worker = [str(Path(__file__).resolve())]
@@ -317,27 +291,6 @@ def commands(args: argparse.Namespace, n_stages: int) -> dict[str, list[str]]:
         "autopipe runtime": [*torchrun(n_stages), *ours],
         "torch pipelining": [*torchrun(n_stages), *theirs, "--worker", "pipelining"],
     }
-
-
-def figures(label: str, stdout: str, batch: int, warmup: int) -> Figures:
-    """Samples over total time of the steps after ``warmup``, from the printed step lines."""
-    steps = [
-        (int(m.group(1)), float(m.group(2)), float(m.group(3)))
-        for m in map(STEP_LINE.search, stdout.splitlines())
-        if m
-    ]
-    measured = [(loss, rate) for step, loss, rate in steps if step >= warmup]
-    if not measured:
-        raise BenchmarkError(f"{label} printed no step lines after the {warmup} warm-up steps")
-    seconds = sum(batch / rate for _, rate in measured)
-    rates = [rate for _, rate in measured]
-    return Figures(
-        label,
-        batch * len(measured) / seconds,
-        statistics.median(rates),
-        first_loss=steps[0][1],
-        last_loss=steps[-1][1],
-    )
 
 
 def check_args(args: argparse.Namespace, n_stages: int) -> None:

@@ -265,9 +265,8 @@ def _async_rank(
     """One rank of an asynchronous schedule: 1F1B's order over its microbatches of the run,
     never flushed, each compute versioned and steps where the schedule takes them."""
     mine = layout.microbatches_of(role, total)
-    last_of_batch = {
-        max(k for k in mine if k // per_batch == b) for b in {k // per_batch for k in mine}
-    }
+    # ``mine`` is in order, so the last one seen of each batch is its last
+    last_of_batch = set({k // per_batch: k for k in mine}.values())
     if name == "2bw":
         rule = _fixed({k: max(0, k // per_batch - 1) for k in mine})
     elif name == "pipedream":

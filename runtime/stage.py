@@ -66,13 +66,17 @@ def original_state_dict(source: Mapping[str, str], seed: int) -> dict[str, torch
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def wants_cuda(preference: str) -> bool:
+    """Whether a ``--device`` preference asks for CUDA: ``cuda``, or ``auto`` where it is."""
+    return preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+
+
 def local_device(preference: str = "auto") -> torch.device:
     """This rank's device: ``cuda:<LOCAL_RANK>`` when CUDA is wanted (or, for ``auto``, there),
     else the CPU. A rank with no GPU of its own is a user error, not a crash in NCCL."""
     if preference not in DEVICES:
         raise RuntimeConfigError(f"unknown device {preference!r}; choose from {', '.join(DEVICES)}")
-    wants_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
-    if not wants_cuda:
+    if not wants_cuda(preference):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeConfigError("--device cuda but CUDA is not available here; use --device cpu")
