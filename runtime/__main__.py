@@ -4,7 +4,11 @@
         --microbatches 8 --batch_size 32 --steps 100 --optimizer adamw --lr 1e-4
 
 ``--schedule pipedream`` (with ``--vertical_sync``), ``stale``, ``2bw`` or ``pipeoptim`` trains
-asynchronously: one pipeline for the whole run, weight versions per microbatch.
+asynchronously: one pipeline for the whole run, weight versions per microbatch. With
+``--checkpoint_every K`` it is one pipeline per K steps instead, drained for each checkpoint:
+a bubble every K steps, and a restart of the weight versions there, so the updates differ from
+those of a run without checkpoints (as at PipeDream's epoch ends); ``--resume`` goes on with the
+next K steps.
 
 A file whose stages have replicas (``autopipe.partition --stage_to_num_ranks`` or
 ``--replication``) runs each replica on a rank of its own; ``--dp N`` runs N copies of the plan.
@@ -103,9 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_checkpoint", help="write the trained weights, original keys")
     parser.add_argument("--checkpoint_dir", help="save every stage's training state here")
     parser.add_argument(
-        "--checkpoint_every", type=int, help="steps between checkpoints (default: only at the end)"
+        "--checkpoint_every",
+        type=int,
+        help="steps between checkpoints (default: only at the end); an asynchronous schedule "
+        "drains its pipeline and restarts its weight versions at each, which costs a bubble and "
+        "changes the updates there",
     )
-    _flag(parser, "--resume", "go on from the latest checkpoint in --checkpoint_dir")
+    _flag(
+        parser,
+        "--resume",
+        "go on from the latest checkpoint in --checkpoint_dir (an asynchronous schedule with "
+        "its pipeline empty there, as a new segment)",
+    )
     parser.add_argument(
         "--snapshot_dir",
         help="each rank writes its stage's weights to DIR/epoch_E/stage_R.pt at the end of "

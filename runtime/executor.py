@@ -1,10 +1,12 @@
 """Run a schedule's actions on this rank: its F, B and S actions, in order.
 
-The executor knows nothing about GPipe, 1F1B or PipeDream; it runs the action list it is given,
-one batch's or a whole asynchronous run's. A forward keeps the microbatch's inputs and outputs
-until its backward, which frees them. The last stage turns outputs into a loss times the
-microbatch's weight (:class:`Feed`): its share of the batch when the gradients of a batch are
-summed before a step, so that they are those of the mean loss over the batch.
+The executor knows nothing about GPipe, 1F1B or PipeDream; it runs the action list it is given
+(:func:`run_stages`): one batch's, or a segment's of an asynchronous run (the whole run, or the
+steps between two checkpoints), with no microbatch in flight at its start or end. A forward
+keeps the microbatch's inputs and outputs until its backward, which frees them. The last stage
+turns outputs into a loss times the microbatch's weight (:class:`Feed`): its share of the batch
+when the gradients of a batch are summed before a step, so that they are those of the mean loss
+over the batch.
 
 Actions that name a weight version compute with that version (:class:`VersionStore`): an F
 with the version or PipeOptim's prediction, a B (and the forward it recomputes) with the
@@ -215,26 +217,6 @@ class Executor:
         self.store: VersionStore | None = None
         self._saved: dict[int, _Saved] = {}
 
-    def run(
-        self,
-        actions: Sequence[Action],
-        feed: Feed,
-        trace: list[TraceRecord] | None = None,
-        on_loss: LossHook | None = None,
-        on_step: Callable[[], None] | None = None,
-    ) -> None:
-        """Run ``actions``, reading what their microbatches need from ``feed``.
-
-        On the last stage ``on_loss`` hears each microbatch's loss after its backward;
-        ``on_step`` is called after every optimizer step (an LR scheduler's step). With
-        ``trace``, each action's start and end (``perf_counter`` seconds, waiting for the GPU
-        where there is one) are appended to it.
-        """
-        self.begin(actions)
-        for action in actions:
-            self.execute(action, feed, trace, on_loss, on_step)
-        self.comm.wait_sends()
-
     def begin(self, actions: Sequence[Action]) -> None:
         """Get ready to run ``actions``, this stage's in the order it runs them: the weight
         versions each step keeps, and where the replicas sum gradients."""
@@ -265,13 +247,14 @@ class Executor:
             trace.append(TraceRecord(self.rank, name, action.kind, started, self._clock()))
 
     def _prepare_versions(self, actions: Sequence[Action]) -> list[frozenset[int]]:
-        """For actions that name weight versions, the store of versions and, per step, the
-        versions it keeps; nothing for a synchronous list, which computes with the current
-        weights."""
+        """For actions that name weight versions, a new store of versions and, per step, the
+        versions it keeps; no store for a synchronous list, which computes with the current
+        weights. A list's versions count its own steps, so its version 0 is the weights it
+        starts with: each segment of an asynchronous run starts afresh, as a run does."""
         if all(action.version is None for action in actions):
+            self.store = None
             return []
-        if self.store is None:
-            self.store = VersionStore(self.stage)
+        self.store = VersionStore(self.stage)
         return versions_to_keep(actions)
 
     def _weights_for(self, action: Action) -> contextlib.AbstractContextManager[None]:
@@ -377,8 +360,14 @@ def run_stages(
     on_loss: LossHook | None = None,
     on_step: Mapping[int, Callable[[], None]] | None = None,
 ) -> None:
-    """Run one rank's ``actions`` over the stages it holds (WPipe's two per device), each
-    action by its stage's executor, in the rank's order; ``on_step`` is per stage."""
+    """Run one rank's ``actions`` over the stages it holds (one, or WPipe's two), each action by
+    its stage's executor in the rank's order, reading what their microbatches need from ``feed``.
+
+    On the last stage ``on_loss`` hears each microbatch's loss after its backward; ``on_step``
+    maps a stage to what runs after each of its optimizer steps (an LR scheduler's step). With
+    ``trace``, each action's start and end (``perf_counter`` seconds, waiting for the GPU where
+    there is one) are appended to it. Returns once every send has completed.
+    """
     for stage, executor in executors.items():
         executor.begin([action for action in actions if action.stage == stage])
     for action in actions:

@@ -6,9 +6,9 @@ graph of a generated file, and simulated step by step, so that an executor only 
 actions it is given and knows nothing about GPipe or 1F1B.
 
 Synchronous schedules (GPipe, 1F1B) step once, after all the backwards. Asynchronous ones
-(PipeDream, stale, PipeDream-2BW, PipeOptim) cover a whole run without a flush, step inside it,
-and name on each F and B the weight version it computes with (``F5@2``: version 2, the stage's
-weights after 2 steps).
+(PipeDream, stale, PipeDream-2BW, PipeOptim) cover many steps without a flush (a whole run, or
+the steps between two checkpoints), step inside them, and name on each F and B the weight
+version it computes with (``F5@2``: version 2, the stage's weights after 2 steps of the schedule).
 
 Dependencies between stages come from a generated file's ``PIPELINE`` dict
 (:func:`stage_dependencies`): for each stage, the earlier stages it receives values from.

@@ -1,22 +1,32 @@
 """The training loop: set up this rank's stage, run the schedule, report, save.
 
-A synchronous schedule (gpipe, 1f1b) runs once per step, flushing the pipeline between steps.
-An asynchronous one (pipedream, stale, 2bw, pipeoptim) is one action list for the whole run, its
-microbatch k being part k % m of step k // m's batch, with steps inside it; it saves training
-state only at the end, once the pipeline has drained. ``--snapshot_dir`` weights are written by
-each rank on its own after the step that ends an epoch, so they need no drained pipeline.
+A run is cut into segments (:class:`Segments`), each one schedule that starts and ends with an
+empty pipeline, and training state is saved (``--checkpoint_dir``) only between segments. A
+synchronous schedule (gpipe, 1f1b) makes a segment of every step, flushing the pipeline between
+steps. An asynchronous one (pipedream, stale, 2bw, pipeoptim, wpipe) is one action list for a
+whole segment, its microbatch k being part k % m of step k // m's batch, with steps inside it:
+the whole run is one segment, or, with ``--checkpoint_every K``, every K steps are, so that the
+pipeline is empty where a checkpoint is due and ``--resume`` goes on at the next segment.
+
+That has a price, as PipeDream's own checkpoints at its epoch ends have: each segment drains its
+pipeline (a bubble every K steps) and starts its weight versions afresh from the current
+weights, so the updates after a segment boundary are those of a run's start (no stale or
+stashed weights from before it), and a run with ``--checkpoint_every`` reaches other weights
+than one without. ``--snapshot_dir`` weights are written by each rank on its own after the
+step that ends an epoch, so they need no drained pipeline.
 
 The first stage reads the model inputs, the last stage the labels; both draw the same samples
 from the same seeded order, so no rank needs the other's data, and every rank knows each step's
 batch size from the data source. With replicated stages or ``--dp`` (:mod:`runtime.layout`) a
 batch is cut into ``microbatches * dp`` microbatches spread over the replicas, which sum their
-gradients before each step (:mod:`runtime.replicas`). Every user error is found before the process group starts where
-possible, so every rank stops with the same message.
+gradients before each step (:mod:`runtime.replicas`). Every user error is found before the
+process group starts where possible, so every rank stops with the same message.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import math
@@ -24,7 +34,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -51,7 +61,6 @@ from runtime.executor import (
 )
 from runtime.schedule import (
     ASYNC_SCHEDULES,
-    Action,
     SCHEDULE_NAMES,
     STEP,
     Schedule,
@@ -223,22 +232,10 @@ def _check_schedule(config: TrainConfig, n_stages: int) -> None:
             f"--schedule 2bw keeps two weight versions, which needs --microbatches of at least "
             f"the {n_stages} stages, got {config.microbatches}"
         )
-    if config.schedule not in ASYNC_SCHEDULES:
-        return
     if config.recompute and config.schedule in ("stale", "pipeoptim"):
         raise RuntimeConfigError(
             f"--recompute with --schedule {config.schedule} would run the forward again with "
             "other weights than it first ran with: drop --recompute, or use pipedream or 2bw"
-        )
-    if config.checkpoint_every:
-        raise RuntimeConfigError(
-            f"--schedule {config.schedule} keeps microbatches in flight between steps, so it "
-            "saves only at the end of an asynchronous run: drop --checkpoint_every"
-        )
-    if config.resume:
-        raise RuntimeConfigError(
-            f"--resume cannot go on with --schedule {config.schedule}: an asynchronous run "
-            "starts with an empty pipeline; resume with gpipe or 1f1b"
         )
 
 
@@ -296,9 +293,10 @@ def prepare(config: TrainConfig) -> ModuleType:
     """Load the generated file and check the config, world size and rank layout, before any
     communication.
 
-    An asynchronous schedule is validated for 2p steps, not for the whole run: every stage then
-    passes its warm-up, steps in steady state and drains, the pattern a longer run repeats, at a
-    cost that does not grow with the run's length.
+    An asynchronous schedule is validated for one step, the shortest segment a run may have
+    (:class:`Segments`), and for 2p steps, not for the whole run: every stage then passes its
+    warm-up, steps in steady state and drains, the pattern a longer segment repeats, at a cost
+    that does not grow with the run's length.
     """
     generated = load_generated(config.model)
     check_config(config, generated.PIPELINE)
@@ -312,18 +310,20 @@ def prepare(config: TrainConfig) -> ModuleType:
         )
     dependencies = stage_dependencies(generated.PIPELINE)
     try:
-        schedule = run_schedule(config, layout, 2 * layout.n_stages)
-        if layout.replicated:
-            validate_layout(schedule, layout, dependencies)
-        else:
-            schedule.validate(dependencies)
+        for steps in (1, 2 * layout.n_stages):
+            schedule = run_schedule(config, layout, steps)
+            if layout.replicated:
+                validate_layout(schedule, layout, dependencies)
+            else:
+                schedule.validate(dependencies)
     except ScheduleError as error:
         raise RuntimeConfigError(str(error)) from None
     return generated
 
 
 def run_schedule(config: TrainConfig, layout: Layout, steps: int) -> Schedule:
-    """The schedule of a run of ``steps`` batches: one action list per rank."""
+    """The schedule of a segment of ``steps`` batches: one action list per rank (a
+    synchronous schedule covers one batch, whatever ``steps``)."""
     if layout.shared:
         return build_schedule("wpipe", layout.n_stages, config.microbatches, steps)
     if layout.replicated:
@@ -331,6 +331,42 @@ def run_schedule(config: TrainConfig, layout: Layout, steps: int) -> Schedule:
     return build_schedule(
         config.schedule, layout.n_stages, config.microbatches, steps, config.vertical_sync
     )
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Steps ``[start, total)`` of a run cut into segments, each run as one schedule that starts
+    and ends with an empty pipeline: the steps from one multiple of ``every`` to the next, the
+    first and last segment shorter where ``start`` or ``total`` lie between multiples.
+
+    A synchronous schedule flushes every step, so ``every`` is 1. An asynchronous one drains only
+    at the end of a segment, where training state can be saved: ``every`` is
+    ``--checkpoint_every``, or the whole run without it (see :func:`run_segments`).
+    """
+
+    start: int
+    total: int
+    every: int
+
+    def of(self, step: int) -> range:
+        """The segment that holds ``step``."""
+        first = step - step % self.every
+        return range(max(self.start, first), min(self.total, first + self.every))
+
+    def __iter__(self) -> Iterator[range]:
+        step = self.start
+        while step < self.total:
+            segment = self.of(step)
+            yield segment
+            step = segment.stop
+
+
+def run_segments(config: TrainConfig, start: int, total: int) -> Segments:
+    """The segments of steps ``[start, total)``: a step each for a synchronous schedule; for an
+    asynchronous one, ``--checkpoint_every`` steps each, or the whole run as one."""
+    if config.schedule not in ASYNC_SCHEDULES:
+        return Segments(start, total, 1)
+    return Segments(start, total, config.checkpoint_every or total)
 
 
 def _build_executors(
@@ -668,18 +704,30 @@ def _write_trace(
         log.info("wrote trace %s", config.trace)
 
 
-def _resume(config: TrainConfig, layout: Layout, executor: Executor, scheduler: Any) -> int:
-    """Restore this rank's stage, optimizer, schedule and random state; the step to go on from.
-    A replica takes its stage's file, and its own random state where the file kept it."""
+def _resume(
+    config: TrainConfig,
+    layout: Layout,
+    executors: Mapping[int, Executor],
+    schedulers: Mapping[int, Any],
+) -> int:
+    """Restore this rank's stages (WPipe's two, or one), their optimizers and schedules, and
+    its random state; the step to go on from. A replica takes its stage's file, and its own
+    random state where the file kept it."""
     if checkpoint.latest_step(config.checkpoint_dir) is None:
         print(f"no checkpoint in {config.checkpoint_dir} yet: starting from step 0", flush=True)
         return 0
+    states = {
+        index: checkpoint.load_stage(config.checkpoint_dir, index, layout.n_stages)
+        for index in executors
+    }
+    for index, state in states.items():
+        executors[index].stage.load_state_dict(state.model)
+        executors[index].optimizer.load_state_dict(state.optimizer)
+        if state.scheduler is not None:
+            schedulers[index].load_state_dict(state.scheduler)
+    # one process, one random state: every stage file of a rank holds the same
     role = layout.role(dist.get_rank())
-    state = checkpoint.load_stage(config.checkpoint_dir, role.stage, layout.n_stages)
-    executor.stage.load_state_dict(state.model)
-    executor.optimizer.load_state_dict(state.optimizer)
-    if state.scheduler is not None:
-        scheduler.load_state_dict(state.scheduler)
+    state = states[role.stage]
     rngs = state.extra.get("replica_rng")
     same_replicas = rngs is not None and len(rngs) == layout.replicas[role.stage]
     checkpoint.restore_rng(rngs[role.replica] if same_replicas else state.rng)
@@ -755,7 +803,7 @@ def _snapshots(
 def _step_losses(
     executor: Executor,
     layout: Layout,
-    schedule: Schedule,
+    segments: Segments,
     run_data: RunData,
     reporter: Reporter | None,
     since: float,
@@ -769,18 +817,18 @@ def _step_losses(
     m, replicas = run_data.m, layout.replicas[role.stage]
 
     def mine(step: int) -> int:
-        """This replica's microbatches in ``step``: a step's own numbering in a synchronous
-        run, the run's in an asynchronous one."""
-        first = 0 if synchronous else step * m
+        """This replica's microbatches in ``step``, numbered as in its segment's schedule, which
+        hands microbatch i to replica i % replicas."""
+        first = (step - segments.of(step).start) * m
         return sum(k % replicas == role.replica for k in range(first, first + m))
 
-    synchronous = schedule.microbatches_per_step is None
     group, device = executor.replica.group, executor.comm.device
     return StepLosses(reporter, run_data, executor.optimizer, since, mine, group, device)
 
 
 def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> None:
-    """Run the schedule for every step of the run on this rank; the process group must exist."""
+    """Run every segment of the run on this rank, saving training state after those where a
+    checkpoint is due; the process group must exist."""
     pipeline = generated.PIPELINE
     layout = make_layout(pipeline, config.dp)
     rank = dist.get_rank()
@@ -790,18 +838,13 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
     data = DataSource(whole_batches(config), pipeline)
     total = total_steps(config, data)
     m = config.microbatches * config.dp
-    schedule = run_schedule(config, layout, total)
-    actions = schedule.actions[rank]
-    schedulers = {
-        index: torch.optim.lr_scheduler.LambdaLR(
-            executor.optimizer,
-            _lr_lambda(config, _updates(schedule, layout, actions, index, total)),
-        )
-        for index, executor in executors.items()
-    }
+    schedule_of = functools.cache(functools.partial(run_schedule, config, layout))
+    schedulers = _schedulers(config, executors, layout, schedule_of, total)
     torch.manual_seed(config.seed + rank)
-    first = next(iter(executors.values()))
-    start = _resume(config, layout, first, schedulers[first.stage_index]) if config.resume else 0
+    start = _resume(config, layout, executors, schedulers) if config.resume else 0
+    segments = run_segments(config, start, total)
+    # how the run's schedules step (microbatches_per_step), whatever their number of steps
+    schedule = schedule_of(1)
     if rank == 0:
         print(f"data {data.description}; {total} steps", flush=True)
     run_data = RunData(data, device, m)
@@ -820,7 +863,7 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
     origin = time.perf_counter()
     losses = None
     if last is not None:
-        losses = _step_losses(last, layout, schedule, run_data, reporter, origin)
+        losses = _step_losses(last, layout, segments, run_data, reporter, origin)
     after_step = {
         index: _after_step(
             schedulers[index],
@@ -828,21 +871,12 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
         )
         for index, executor in executors.items()
     }
-    if len(executors) > 1:
-        run_stages(executors, actions, feed, trace, losses, after_step)
-        if _checkpoint_due(config, total, total):
-            _save_training_state(config, generated, layout, executors, schedulers, total)
-    elif schedule.microbatches_per_step is None:
-        for step in range(start, total):
-            first.run(
-                actions, replace(feed, first=step * m), trace, losses, after_step[first.stage_index]
-            )
-            if _checkpoint_due(config, step + 1, total):
-                _save_training_state(config, generated, layout, executors, schedulers, step + 1)
-    else:
-        first.run(actions, feed, trace, losses, after_step[first.stage_index])
-        if _checkpoint_due(config, total, total):
-            _save_training_state(config, generated, layout, executors, schedulers, total)
+    for segment in segments:
+        actions = schedule_of(len(segment)).actions[rank]
+        segment_feed = replace(feed, first=segment.start * m)
+        run_stages(executors, actions, segment_feed, trace, losses, after_step)
+        if _checkpoint_due(config, segment.stop, total):
+            _save_training_state(config, generated, layout, executors, schedulers, segment.stop)
     if reporter is not None:
         reporter.close(total - start)
     if trace is not None:
@@ -851,13 +885,36 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
         _save_checkpoint(generated, executors, layout, config.save_checkpoint)
 
 
-def _updates(
-    schedule: Schedule, layout: Layout, actions: Sequence[Action], stage: int, total: int
-) -> int:
-    """How many optimizer steps ``stage`` takes on this rank in a run of ``total`` batches."""
+def _schedulers(
+    config: TrainConfig,
+    executors: Mapping[int, Executor],
+    layout: Layout,
+    schedule_of: Callable[[int], Schedule],
+    total: int,
+) -> dict[int, Any]:
+    """Each stage's learning-rate schedule over the optimizer steps it takes in the whole run,
+    counted over the run's segments (a resumed run goes on along the same schedule)."""
+    rank = dist.get_rank()
+    segments = run_segments(config, 0, total)
+    return {
+        index: torch.optim.lr_scheduler.LambdaLR(
+            executor.optimizer,
+            _lr_lambda(
+                config,
+                sum(_updates(schedule_of(len(s)), layout, rank, index, len(s)) for s in segments),
+            ),
+        )
+        for index, executor in executors.items()
+    }
+
+
+def _updates(schedule: Schedule, layout: Layout, rank: int, stage: int, steps: int) -> int:
+    """How many optimizer steps ``stage`` takes on this rank in ``schedule``, a segment of
+    ``steps`` batches."""
     if layout.replicated and schedule.microbatches_per_step is not None:
+        actions = schedule.actions[rank]
         return sum(action.kind == STEP and action.stage == stage for action in actions)
-    return optimizer_steps(schedule, total)
+    return optimizer_steps(schedule, steps)
 
 
 def _lr_lambda(config: TrainConfig, updates: int) -> Callable[[int], float]:

@@ -281,12 +281,6 @@ def _one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     [
         ("2bw", ["--microbatches", "1"], "needs --microbatches of at least the 2 stages, got 1"),
         ("1f1b", ["--vertical_sync"], "--vertical_sync is an option of --schedule pipedream"),
-        (
-            "pipedream",
-            ["--checkpoint_dir", "ck", "--checkpoint_every", "1"],
-            "saves only at the end of an asynchronous run",
-        ),
-        ("stale", ["--checkpoint_dir", "ck", "--resume"], "--resume cannot go on"),
         ("pipeoptim", ["--recompute"], "would run the forward again with other weights"),
     ],
 )
