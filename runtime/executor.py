@@ -29,7 +29,7 @@ from runtime.comm import StageComm
 from runtime.layout import Layout
 from runtime.replicas import StageReplica
 from runtime.schedule import BACKWARD, FORWARD, STEP, Action, last_backwards
-from runtime.weights import VersionStore, versions_to_keep
+from runtime.weights import VersionStore, forwards_to_record, versions_to_keep
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LossHook = Callable[[int, float], None]
@@ -221,6 +221,7 @@ class Executor:
         """Get ready to run ``actions``, this stage's in the order it runs them: the weight
         versions each step keeps, and where the replicas sum gradients."""
         self._keeps = iter(self._prepare_versions(actions))
+        self._recorded = forwards_to_record(actions) if self.store is not None else frozenset()
         self._reduce_at = set(last_backwards(actions)) if self.replica is not None else set()
         self._position = 0
 
@@ -258,12 +259,14 @@ class Executor:
         return versions_to_keep(actions)
 
     def _weights_for(self, action: Action) -> contextlib.AbstractContextManager[None]:
-        """The weights an F or B computes with: its version, or PipeOptim's prediction."""
+        """The weights an F or B computes with: its version, or PipeOptim's prediction; an F
+        records its saved parameters only where its B needs that (``forwards_to_record``)."""
         if self.store is None:
             return contextlib.nullcontext()
         if action.predict:
             return self.store.predicted(self.optimizer, action.predict)
-        return self.store.use(action.version)
+        record = action.kind == FORWARD and action.microbatch in self._recorded
+        return self.store.use(action.version, record=record)
 
     def _clock(self) -> float:
         if self.comm.device.type == "cuda":

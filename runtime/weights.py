@@ -6,9 +6,10 @@ An older version that a later compute still uses is kept as its own tensors, cop
 the step that would overwrite it (:meth:`VersionStore.step`).
 
 A compute with version v (:meth:`VersionStore.use`) swaps v's tensors into ``param.data`` and
-swaps the current ones back after. While inside, autograd's saved tensors that are parameters
-(or views of them) are recorded as references, not as tensors: the backward reads them from the
-version in use around it. So
+swaps the current ones back after. A forward whose backward needs other weights than the ones
+it ran with records, while inside, autograd's saved tensors that are parameters (or views of
+them) as references, not as tensors: the backward reads them from the version in use around
+it. So
 
 * a step between a forward and its backward neither trips autograd's check that saved tensors
   were not modified in place, nor changes the weights the backward computes with: the version
@@ -18,18 +19,23 @@ version in use around it. So
 
 Tensors computed from the weights (not views of them), such as activations, keep the values
 of the forward's version, as they would without any of this.
+
+Recording costs a Python call per saved tensor, so a forward records only where it must
+(:func:`forwards_to_record`): where the backward computes with another version or the forward
+with a prediction, or where a step comes between the two. Elsewhere the backward swaps in the
+forward's version, and the saved parameters read it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from runtime.schedule import STEP, Action
+from runtime.schedule import BACKWARD, FORWARD, STEP, Action
 
 Direction = Callable[[Mapping, torch.Tensor, Mapping], torch.Tensor | None]
 """An optimizer's step direction for one parameter, from its group and its state."""
@@ -39,8 +45,7 @@ class VersionError(LookupError):
     """A compute asks for a weight version the stage does not hold."""
 
 
-@dataclass(frozen=True)
-class _ParameterRef:
+class _ParameterRef(NamedTuple):
     """A saved tensor that is parameter ``index``, or a view of it, of whichever version the
     backward runs with."""
 
@@ -92,17 +97,20 @@ class VersionStore:
         return tuple(sorted({*self._stored, self._current}))
 
     @contextlib.contextmanager
-    def use(self, version: int | None) -> Iterator[None]:
+    def use(self, version: int | None, record: bool = True) -> Iterator[None]:
         """Compute with the weights of ``version``: run an F's forward or a B's backward inside.
 
-        The parameters hold that version inside and the current weights again after. None means
-        the current weights with nothing recorded, as a synchronous schedule computes.
+        The parameters hold that version inside and the current weights again after. With
+        ``record`` the parameters autograd saves inside are recorded as references, for a
+        backward that runs with other weights; a backward itself runs without, and reads the
+        references of its forward from the version it names. None means the current weights
+        with nothing recorded, as a synchronous schedule computes.
         """
         if version is None:
             yield
             return
         tensors = tuple(self._tensor(version, k) for k in range(len(self.parameters)))
-        with self._computing(tensors, version):
+        with self._computing(tensors, version, record):
             yield
 
     @contextlib.contextmanager
@@ -112,7 +120,7 @@ class VersionStore:
         version, computes with those weights, not with the prediction."""
         weights = predicted_weights(optimizer, steps)
         tensors = tuple(weights.get(p, p.detach()) for p in self.parameters)
-        with self._computing(tensors, self._current):
+        with self._computing(tensors, self._current, record=True):
             yield
 
     @contextlib.contextmanager
@@ -145,18 +153,25 @@ class VersionStore:
         return self._stored[version][index]
 
     @contextlib.contextmanager
-    def _computing(self, tensors: Sequence[torch.Tensor], version: int) -> Iterator[None]:
-        """Swap ``tensors`` into the parameters and record saved parameters as references."""
+    def _computing(
+        self, tensors: Sequence[torch.Tensor], version: int, record: bool
+    ) -> Iterator[None]:
+        """Swap ``tensors`` into the parameters and, with ``record``, record saved parameters
+        as references."""
         if self._in_use is not None:
             raise RuntimeError("computes of one VersionStore do not nest")
         self._outside = tuple(p.data for p in self.parameters)
         self._in_use = version
-        index = {_storage(t): k for k, t in enumerate(tensors) if t.numel()}
         try:
             for parameter, tensor in zip(self.parameters, tensors):
                 parameter.data = tensor
-            pack = self._packer(index, tensors)
-            with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+            if record:
+                index = {_storage(t): k for k, t in enumerate(tensors) if t.numel()}
+                with torch.autograd.graph.saved_tensors_hooks(
+                    self._packer(index, tensors), self._unpack
+                ):
+                    yield
+            else:
                 yield
         finally:
             for parameter, tensor in zip(self.parameters, self._outside):
@@ -206,6 +221,31 @@ def versions_to_keep(actions: Sequence[Action]) -> list[frozenset[int]]:
         keeps.append(frozenset(live))
         current += 1
     return keeps
+
+
+def forwards_to_record(actions: Sequence[Action]) -> frozenset[int]:
+    """The microbatches of one stage's action list whose F must record saved parameters as
+    references (``VersionStore.use(..., record=True)``): those whose B computes with other
+    weights than the F (the F predicts them, or the B names another version), and those with a
+    step between the F and the B, which updates the parameters autograd saved in place (autograd
+    refuses to read a saved tensor modified since). Every other B finds the weights its F saved
+    by swapping in the same version."""
+    recorded = set()
+    forwards: dict[int, tuple[Action, int]] = {}
+    steps = 0
+    for action in actions:
+        if action.kind == STEP:
+            steps += 1
+        elif action.version is None:
+            continue
+        elif action.kind == FORWARD:
+            forwards[action.microbatch] = (action, steps)
+        elif action.kind == BACKWARD and action.microbatch in forwards:
+            forward, steps_before = forwards.pop(action.microbatch)
+            stepped = steps > steps_before
+            if forward.predict or forward.version != action.version or stepped:
+                recorded.add(action.microbatch)
+    return frozenset(recorded)
 
 
 def _sgd_direction(group: Mapping, parameter: torch.Tensor, state: Mapping) -> torch.Tensor | None:

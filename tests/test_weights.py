@@ -20,7 +20,13 @@ from runtime.schedule import (
     stale,
     two_bw,
 )
-from runtime.weights import VersionError, VersionStore, predicted_weights, versions_to_keep
+from runtime.weights import (
+    VersionError,
+    VersionStore,
+    forwards_to_record,
+    predicted_weights,
+    versions_to_keep,
+)
 
 LR = 0.1
 
@@ -63,22 +69,32 @@ def lockstep_order(schedule: Schedule) -> Iterator[Action]:
 
 
 def compute(
-    store: VersionStore, optimizer: torch.optim.Optimizer, action: Action
+    store: VersionStore, optimizer: torch.optim.Optimizer, action: Action, record: bool = True
 ) -> AbstractContextManager[None]:
-    """The weights an F or B computes with."""
+    """The weights an F computes with."""
     if action.predict:
         return store.predicted(optimizer, action.predict)
-    return store.use(action.version)
+    return store.use(action.version, record=record)
 
 
-def run_pipeline(schedule: Schedule, momentum: float = 0.0) -> list[Weights]:
-    """Train ``two_stages`` with ``schedule`` in one process, passing tensors between stages as
-    the runtime sends them; return each stage's final weights."""
-    stages = two_stages()
+def run_pipeline(
+    schedule: Schedule,
+    momentum: float = 0.0,
+    stages: list[nn.Module] | None = None,
+    samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+    record_all: bool = False,
+) -> list[Weights]:
+    """Train ``stages`` (default ``two_stages``) on ``samples`` (default ``data``) with
+    ``schedule`` in one process, passing tensors between stages as the runtime sends them;
+    return each stage's final weights. The Fs record their saved parameters where the
+    runtime's executor does (``forwards_to_record``), or, with ``record_all``, every F and B
+    computes under the recording."""
+    stages = two_stages() if stages is None else stages
     optimizers = [torch.optim.SGD(m.parameters(), lr=LR, momentum=momentum) for m in stages]
     stores = [VersionStore(m) for m in stages]
     keeps = [iter(versions_to_keep(actions)) for actions in schedule.actions]
-    x, y = data(schedule.n_microbatches)
+    recorded = [forwards_to_record(actions) for actions in schedule.actions]
+    x, y = data(schedule.n_microbatches) if samples is None else samples
     loss_weight = 1 / schedule.microbatches_per_step
     inputs: dict[tuple[int, int], torch.Tensor] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -88,11 +104,12 @@ def run_pipeline(schedule: Schedule, momentum: float = 0.0) -> list[Weights]:
         s, i = action.stage, action.microbatch
         if action.kind == "F":
             value = x[i] if s == 0 else outputs[(s - 1, i)].detach().requires_grad_()
-            with compute(stores[s], optimizers[s], action):
+            record = record_all or i in recorded[s]
+            with compute(stores[s], optimizers[s], action, record):
                 outputs[(s, i)] = stages[s](value)
             inputs[(s, i)] = value
         elif action.kind == "B":
-            with stores[s].use(action.version):
+            with stores[s].use(action.version, record=record_all):
                 if s == last:
                     loss = loss_weight * 0.5 * (outputs.pop((s, i)) - y[i]).pow(2).sum()
                     loss.backward()
@@ -220,6 +237,52 @@ def test_pipeoptim_forward_uses_predicted_weights_and_backward_the_current() -> 
     assert_weights_equal(actual, expected)
     unpredicted = weights_by_hand(fresh_backward, n, momentum=0.9)
     assert not torch.allclose(expected[0][0], unpredicted[0][0])
+
+
+def conv_stages() -> list[nn.Module]:
+    """Layers whose backward reads parameters that autograd saved as they are (a convolution's
+    and a layer norm's weights), not through a view of them as a linear layer's."""
+    torch.manual_seed(0)
+    first = nn.Sequential(
+        nn.Conv2d(1, 2, 2, dtype=torch.float64),
+        nn.Flatten(),
+        nn.LayerNorm(8, dtype=torch.float64),
+        nn.Linear(8, 2, dtype=torch.float64),
+    )
+    return [first, nn.Sequential(nn.Tanh(), nn.Linear(2, 1, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [pipedream(2, 8), stale(2, 8), two_bw(2, 8, 2), two_bw(2, 12, 3), pipeoptim(2, 8)],
+    ids=["pipedream", "stale", "2bw_m2", "2bw_m3", "pipeoptim"],
+)
+def test_recording_only_where_the_backward_needs_it_changes_nothing(schedule: Schedule) -> None:
+    recorded = forwards_to_record(schedule.actions[0])
+    assert 0 < len(recorded) or schedule.name == "2bw"
+    assert len(forwards_to_record(schedule.actions[-1])) < schedule.n_microbatches
+    generator = torch.Generator().manual_seed(1)
+    n = schedule.n_microbatches
+    samples = (
+        torch.randn(n, 1, 1, 3, 3, dtype=torch.float64, generator=generator),
+        torch.randn(n, 1, 1, dtype=torch.float64, generator=generator),
+    )
+    needed = run_pipeline(schedule, 0.9, conv_stages(), samples)
+    always = run_pipeline(schedule, 0.9, conv_stages(), samples, record_all=True)
+    assert_weights_equal(needed, always)
+    assert not torch.allclose(needed[0][0], conv_stages()[0][0].weight)
+
+
+def test_forwards_to_record() -> None:
+    # pipedream, 2 stages: stage 0's F(i + 1) runs before the step after B(i), stage 1's
+    # B follows its F at once
+    assert forwards_to_record(pipedream(2, 6).actions[0]) == set(range(1, 6))
+    assert forwards_to_record(pipedream(2, 6).actions[1]) == set()
+    # stale: the B computes with the newer weights
+    assert forwards_to_record(stale(2, 6).actions[0]) == set(range(1, 6))
+    # 2bw: only the F a batch's step separates from its B
+    assert forwards_to_record(two_bw(2, 8, 2).actions[1]) == set()
+    assert forwards_to_record(pipeoptim(2, 4).actions[0]) == set(range(4))
 
 
 def test_a_stashed_backward_updates_the_current_weights_by_hand() -> None:
