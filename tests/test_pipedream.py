@@ -20,6 +20,7 @@ from autopipe.partitioning import METHODS, PartitionOptions, Plan, partition, pi
 from autopipe.partitioning.base import DeviceGroup, Level
 from autopipe.partitioning.pipedream import (
     RelativeDeviceGroup,
+    fitting_plan,
     load_server_file,
     partition_pipedream,
     solve_pipedream,
@@ -149,6 +150,26 @@ def test_an_impossible_memory_limit_names_what_the_best_split_needs() -> None:
     assert re.match(
         r"no split into 3 stages fits in 0\.00 GB: .*raise -p or --memory_limit$", message
     )
+
+
+def test_fitting_plan_is_none_exactly_where_no_split_fits() -> None:
+    """fitting_plan finds out whether a split fits without the search that names what the best
+    one needs; at and around the least memory it agrees with partition_pipedream."""
+    for seed in range(8):
+        graph = _graph(8, seed, skip=0.3)
+        model = CostModel(recomputation=seed % 2 == 0, schedule=("1f1b", "gpipe")[seed % 3 == 0])
+        needed = min(
+            max(c.memory_bytes for c in stage_costs(graph, stage_of, 3, model))
+            for stage_of in _splits(8, 3)
+        )
+        for limit in (needed - 1, needed - 0.5, needed, needed + 0.5, 1.1 * needed):
+            options = PartitionOptions(cost=replace(model, memory_limit=limit))
+            try:
+                expected = partition_pipedream(graph, 3, options)
+            except UserError:
+                expected = None
+            assert (expected is None) == (limit < needed)
+            assert fitting_plan(graph, 3, options) == expected
 
 
 def _replicated_brute_force(graph: nx.DiGraph, devices: int, model: CostModel) -> float:

@@ -52,7 +52,7 @@ import numpy as np
 from autopipe.cost import CostModel, device_totals, stage_device, stage_memory
 from autopipe.errors import UserError
 from autopipe.partitioning.base import PartitionOptions
-from autopipe.partitioning.pipedream import partition_pipedream
+from autopipe.partitioning.pipedream import fitting_plan
 
 NODES_PER_STAGE = 10
 """Coarsening stops at about this many nodes per stage: enough freedom for the first cut."""
@@ -395,7 +395,9 @@ class StageLoads:
     Under a memory limit, the memory of stages a and b changes too: what c holds, and the
     values a and b receive, known from per value the count of its consumers in each stage. A
     move that would raise a device's memory above the limit prices at infinite excess, so no
-    objective accepts it.
+    objective accepts it. Every device's memory and the excess are kept, so a move is priced
+    from the two devices it touches, and a move that touches no device over the limit cannot
+    lower the excess: ``best_case`` prices it without memory.
     """
 
     def __init__(
@@ -417,12 +419,18 @@ class StageLoads:
         graph, n_stages = self.graph, self.n_stages
         parts = _memory_parts(graph, self.stage, n_stages)
         self.memory = [self._memory(s, parts[s][:-1], parts[s][-1]) for s in range(n_stages)]
+        self.device_of = [stage_device(s, n_stages, self.model) for s in range(n_stages)]
+        self._tally_memory()
         at = np.asarray(self.stage, dtype=np.int64)[graph.values.pair_consumer]
         pairs, counts = np.unique(graph.values.pair_value * n_stages + at, return_counts=True)
-        value, stage = np.divmod(pairs, n_stages)
-        self.consumers_in: list[dict[int, int]] = [{} for _ in range(len(graph.values))]
-        for x, s, count in zip(value.tolist(), stage.tolist(), counts.tolist()):
-            self.consumers_in[x][s] = count
+        # How many consumers of value x sit in stage s, at x * n_stages + s (absent: none).
+        self.consumers_in = dict(zip(pairs.tolist(), counts.tolist()))
+
+    def _tally_memory(self) -> None:
+        """Every device's memory, and the bytes by which the devices exceed the limit."""
+        totals = [m.total for m in self.memory]
+        self.device_memory = device_totals(totals, self.model)
+        self.excess = over_limit(totals, self.model)
 
     def _time(self, compute: float, sends: int) -> float:
         """A stage's time, as ``StageCost.time_ms``: compute plus sending values and gradients."""
@@ -436,11 +444,7 @@ class StageLoads:
 
     def key(self) -> Key:
         """The objective now."""
-        excess = (
-            over_limit([m.total for m in self.memory], self.model)
-            if self.model.memory_limit is not None
-            else 0
-        )
+        excess = self.excess if self.model.memory_limit is not None else 0
         return excess, tuple(sorted(self.times, reverse=True)), sum(self.sends)
 
     def _changes(self, cluster: int, target: int) -> tuple[int, int, list[tuple[int, int]]]:
@@ -474,19 +478,19 @@ class StageLoads:
         by the target stage. A stage receives a value when it holds a consumer but not the
         producer."""
         values, stage, consumers_in = self.graph.value_lists, self.stage, self.consumers_in
-        source = stage[cluster]
+        source, n_stages = stage[cluster], self.n_stages
         delta_source = delta_target = 0
         for x in values.consumed_by(cluster):
-            home, count = stage[values.producer[x]], consumers_in[x]
-            if home != source and count[source] == 1:
+            home, first = stage[values.producer[x]], x * n_stages
+            if home != source and consumers_in[first + source] == 1:
                 delta_source -= values.received[x]
-            if home != target and target not in count:
+            if home != target and first + target not in consumers_in:
                 delta_target += values.received[x]
         for x in values.produced_by(cluster):
-            count = consumers_in[x]
-            if source in count:
+            first = x * n_stages
+            if first + source in consumers_in:
                 delta_source += values.received[x]
-            if target in count:
+            if first + target in consumers_in:
                 delta_target -= values.received[x]
         return delta_source, delta_target
 
@@ -511,24 +515,47 @@ class StageLoads:
 
     def _excess_after(self, cluster: int, target: int) -> float:
         """Bytes over the limit after moving ``cluster`` to ``target``; inf if the move raises
-        a device's memory above the limit."""
-        source, limit, model = self.stage[cluster], self.model.memory_limit, self.model
-        before = [m.total for m in self.memory]
-        totals = list(before)
+        a device's memory above the limit. Only the devices of the two stages change."""
+        source, limit = self.stage[cluster], self.model.memory_limit
+        assert limit is not None
+        changes: dict[int, int] = {}
         for s, after in zip((source, target), self._memory_after(cluster, target)):
-            totals[s] = after.total
-        devices = {stage_device(s, self.n_stages, model) for s in (source, target)}
-        was, now = device_totals(before, model), device_totals(totals, model)
-        if any(now[d] > limit and now[d] > was[d] for d in devices):
-            return math.inf
-        return over_limit(totals, self.model)
+            device = self.device_of[s]
+            changes[device] = changes.get(device, 0) + after.total - self.memory[s].total
+        excess, floor = self.excess, math.floor(limit)
+        for device, change in changes.items():
+            was = self.device_memory[device]
+            now = was + change
+            if now > limit and now > was:
+                return math.inf
+            excess += max(now - floor, 0) - max(was - floor, 0)
+        return excess
 
     def price(self, cluster: int, target: int) -> Key:
         """The objective ``key()`` would return after moving ``cluster`` to stage ``target``."""
-        source = self.stage[cluster]
         excess = self._excess_after(cluster, target) if self.model.memory_limit is not None else 0
         if excess == math.inf:
             return FORBIDDEN
+        return self.time_price(cluster, target, excess)
+
+    def best_case(self, cluster: int, target: int) -> Key | None:
+        """Under a memory limit, where neither stage's device is over it: the move's price
+        with memory left aside, at the present excess. Such a move keeps the excess or raises
+        it (perhaps to inf), so ``refine`` accepts its ``price`` only if it accepts this.
+        None elsewhere."""
+        if self.model.memory_limit is None:
+            return None
+        floor = math.floor(self.model.memory_limit)
+        if any(
+            self.device_memory[self.device_of[s]] > floor for s in (self.stage[cluster], target)
+        ):
+            return None
+        return self.time_price(cluster, target, self.excess)
+
+    def time_price(self, cluster: int, target: int, excess: float) -> Key:
+        """The objective after moving ``cluster`` to stage ``target``, with ``excess`` bytes
+        over the memory limit: the move's times and bytes sent, memory left aside."""
+        source = self.stage[cluster]
         delta_source, delta_target, _ = self._changes(cluster, target)
         weight = self.graph.weights[cluster]
         times = list(self.times)
@@ -563,12 +590,14 @@ class StageLoads:
         """Update the memory totals for moving ``cluster`` to ``target`` (before it moves)."""
         source = self.stage[cluster]
         self.memory[source], self.memory[target] = self._memory_after(cluster, target)
+        self._tally_memory()
+        consumers_in = self.consumers_in
         for x in self.graph.value_lists.consumed_by(cluster):
-            count = self.consumers_in[x]
-            count[source] -= 1
-            if count[source] == 0:
-                del count[source]
-            count[target] = count.get(target, 0) + 1
+            leaving, joining = x * self.n_stages + source, x * self.n_stages + target
+            consumers_in[leaving] -= 1
+            if consumers_in[leaving] == 0:
+                del consumers_in[leaving]
+            consumers_in[joining] = consumers_in.get(joining, 0) + 1
 
 
 # Coarsening ---------------------------------------------------------------------------------
@@ -854,7 +883,11 @@ def refine(
 ) -> None:
     """Greedy boundary refinement of one level: each cluster that may move, in order, goes to
     the target stage ``accept`` likes best over staying, if any; later sweeps revisit what
-    moved and its neighbours. Every stage keeps at least one cluster."""
+    moved and its neighbours. Every stage keeps at least one cluster.
+
+    ``accept`` must never like a key better for a larger excess (``faster`` and ``leaner``
+    don't), so that a move is priced with its memory only where its ``best_case`` is liked.
+    """
     stages = loads.stage
     active = _movable(graph, stages)
     for _ in range(passes):
@@ -867,6 +900,9 @@ def refine(
                 continue
             current, best = loads.key(), -1
             for target in targets:
+                best_case = loads.best_case(cluster, target)
+                if best_case is not None and not accept(best_case, current):
+                    continue
                 candidate = loads.price(cluster, target)
                 if accept(candidate, current):
                     current, best = candidate, target
@@ -906,10 +942,10 @@ def _best_contiguous(
     refinement can only improve; None where no contiguous split fits in memory."""
     plain = replace(options, replication=False, replicas=None, levels=(), devices=())
     try:
-        plan = partition_pipedream(coarse, n_stages, plain)
+        plan = fitting_plan(coarse, n_stages, plain)
     except UserError:
         return None
-    return [plan.stage_of[n] for n in nodes]
+    return None if plan is None else [plan.stage_of[n] for n in nodes]
 
 
 def acyclic_stages(

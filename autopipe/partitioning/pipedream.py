@@ -22,25 +22,29 @@ is infeasible. Optionally:
 
 The program runs over suffixes: B[state][i] is the best bottleneck for nodes i..n-1 on the
 devices a state leaves. Suffixes know how many stages follow a stage, which is all its memory
-depends on (``CostModel.in_flight``). For one start i the costs of every end j are numpy rows
-built from prefix sums and difference arrays kept while i moves down, so the inner minimum is
-vectorized. A bound U >= optimum prunes ends, and starts of states, that cannot lie on a
-solution within U (by compute, and memory, lower bounds that are prefix sums); the result is
-still exact. U comes from the same program on blocks of nodes, cut only between blocks.
+depends on (``CostModel.in_flight``). Starts are filled a block at a time, from the last block
+down: the costs of the stages from every start of the block to every end are numpy arrays,
+built from prefix sums and from the bytes that values send and receive, laid out as events
+(``_Events``), so the minimum over the ends is vectorized. A bound U >= optimum prunes ends,
+and starts of states, that cannot lie on a solution within U (by compute, and memory, lower
+bounds that are prefix sums), and ends whose next start was found not to lie on one; the
+result is still exact. U comes from the same program on blocks of nodes, cut only between
+blocks.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import accumulate, pairwise
+from itertools import accumulate, chain, pairwise
 from pathlib import Path
 from typing import NamedTuple
 
 import networkx as nx
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from autopipe.cost import (
     CostModel,
@@ -149,7 +153,8 @@ class _RowKey(NamedTuple):
     reduce_bandwidth: float
     replicas: int
     following: int
-    """Stages from this one to the last, when memory counts (else 0)."""
+    """Stages from this one to the last, when memory counts (else 0); the fewest that price
+    its memory the same (``_Problem.priced_as``), so that rows that are equal are shared."""
 
 
 @dataclass(frozen=True)
@@ -215,8 +220,9 @@ class _Problem:
             self.states = [(0, 0)] + [(d, 0) for d in range(1, p + 1)]
         self.index = {state: k for k, state in enumerate(self.states)}
         self.roots = [k for k, (d, _) in enumerate(self.states) if d == p]
-        self.moves = [self._moves(state) for state in self.states]
         self._memory: dict[int, _MemoryModel] = {}
+        self._held: dict[int, np.ndarray] = {}
+        self.moves = [self._moves(state) for state in self.states]
         self._links: dict[float, CostModel] = {}
         self.memory_lower = self._memory_lower() if self.memory_counts else None
 
@@ -257,7 +263,7 @@ class _Problem:
             successor = (devices - m, stages - 1 if stages else 0)
             if successor not in self.index:
                 continue
-            following = stages if self.memory_counts else 0
+            following = self.priced_as(stages) if self.memory_counts else 0
             key = self.machine.key(self.machine.size - devices, m, following)
             if self.objective == "memory":
                 key = _RowKey((), 0.0, 0.0, m, following)
@@ -269,13 +275,29 @@ class _Problem:
             self._memory[following] = _MemoryModel(self.options.cost, following, self.n_stages)
         return self._memory[following]
 
+    def priced_as(self, following: int) -> int:
+        """The fewest following stages with which a stage's memory is priced as with
+        ``following`` (1F1B's activations in flight stop growing at the microbatch count)."""
+        terms = self.memory(following).terms
+        return next(fewer for fewer in range(1, following + 1) if self.memory(fewer).terms == terms)
+
+    def held(self, following: int) -> np.ndarray:
+        """Prefix sums of the bytes nodes hold, each count weighted by its factor in
+        ``memory(following)``: a stage's memory less its base and its inputs' share."""
+        if following not in self._held:
+            factors, order = self.memory(following).factors, self.order
+            self._held[following] = (
+                factors[0] * order.state + factors[1] * order.params + factors[2] * order.acts
+            )
+        return self._held[following]
+
     def link(self, bandwidth: float) -> CostModel:
         """The cost model with this link's bandwidth, whose transfer_ms prices the link."""
         if bandwidth not in self._links:
             self._links[bandwidth] = replace(self.options.cost, bandwidth=bandwidth)
         return self._links[bandwidth]
 
-    def widths(self, bound: float) -> dict[int, list[int]]:
+    def widths(self, bound: float) -> dict[int, np.ndarray]:
         """For every replica count and start i, how many ends the caps allow."""
         n = self.order.size
         starts = np.arange(n)
@@ -288,7 +310,7 @@ class _Problem:
                     - 1
                 )
                 width = np.minimum(width, ends - starts)
-            widths[m] = width.tolist()
+            widths[m] = width
         return widths
 
     def band(self, bound: float) -> list[tuple[int, int]]:
@@ -319,8 +341,9 @@ class _MemoryModel:
 
     stage_memory is a sum of its byte counts times factors fixed by the stage's place,
     truncated to whole bytes. Its factors are read off it at one large probe each, so rows can
-    be estimated with numpy to within a byte; stages within a few bytes of the limit are
-    decided by stage_memory itself. The formula stays in autopipe.cost.
+    be estimated with numpy (``_Rows.memory``) to within a byte, exactly where the factors are
+    whole numbers as autopipe.cost's are; stages within a few bytes of the limit are decided by
+    stage_memory itself. The formula stays in autopipe.cost.
 
     The place is stage ``n_stages - following`` of ``n_stages`` where the number of stages is
     fixed (wpipe's weight versions depend on it), else stage 0 of ``following``: the
@@ -341,25 +364,31 @@ class _MemoryModel:
             for a in range(4)
         ]
 
+    @property
+    def terms(self) -> tuple[float, ...]:
+        """The base and the factors: equal terms price every stage the same."""
+        return (self.base, *self.factors)
+
     def _exact(self, *parts: float) -> int:
         """``stage_memory`` of one stage with these (state, params, activations, inputs)."""
         return stage_memory(*parts, self.stage, self.n_stages, self.model)
 
-    def estimate(self, parts: Sequence[np.ndarray]) -> np.ndarray:
-        """Approximate bytes of stages with the given (state, params, activations, inputs)."""
-        total = np.full(len(parts[0]), float(self.base))
-        for factor, part in zip(self.factors, parts):
-            total += factor * part
-        return total
-
-    def fits(self, parts: Sequence[np.ndarray], limit: float) -> np.ndarray:
-        """Which stages stay within ``limit`` bytes, exactly as stage_memory decides."""
-        estimate = self.estimate(parts)
-        margin = 2.0 + 1e-9 * np.abs(estimate)
-        fits = estimate <= limit - margin
-        unsure = np.flatnonzero(~fits & (estimate <= limit + margin))
-        for k in unsure.tolist():
-            fits[k] = self._exact(*(int(part[k]) for part in parts)) <= limit
+    def fits(
+        self,
+        estimate: np.ndarray,
+        limit: float,
+        asked: np.ndarray,
+        parts: Callable[[tuple[int, ...]], tuple[int, ...]],
+    ) -> np.ndarray:
+        """Which of the ``asked`` stages stay within ``limit`` bytes, exactly as stage_memory
+        decides (False for the others), from an estimate of their bytes good to a byte or so,
+        and never negative. Stages within two bytes (and 1e-9) of the limit are priced by
+        stage_memory on their ``parts``: the byte counts of the stage at an index."""
+        surely = (limit - 2.0) / (1 + 1e-9)
+        fits = asked & (estimate <= surely)
+        unsure = asked & (estimate > surely) & (estimate <= (limit + 2.0) / (1 - 1e-9))
+        for k in zip(*np.unravel_index(np.flatnonzero(unsure), unsure.shape)):
+            fits[k] = self._exact(*parts(k)) <= limit
         return fits
 
 
@@ -461,54 +490,130 @@ def _machine(
 
 # --- the dynamic program --------------------------------------------------------------------
 
+_BLOCK = 64
+"""Starts filled together: the stages from a block of starts are priced as one array."""
+
+
+def _diagonals(values: np.ndarray, first: int, rows: int, width: int) -> np.ndarray:
+    """A read-only (rows, width) view whose row k reads ``values`` from ``first + k`` on (as
+    the ends of stages from consecutive starts, at the same offsets), the last value repeated
+    past the end."""
+    window = values[first : first + rows + width - 1]
+    missing = rows + width - 1 - len(window)
+    if missing > 0:
+        window = np.concatenate([window, np.full(missing, values[-1])])
+    step = window.strides[0]
+    return as_strided(window, (rows, width), (step, step), writeable=False)
+
+
+class _Events:
+    """Bytes that stages collect, by where they start and end.
+
+    An event (start, position, bytes) has start <= position; the stage i..j collects the bytes
+    of every event with start >= i and position <= j. Blocks of starts are read in decreasing
+    order; ``above`` sums, by position, the events of the starts from ``lowest`` up.
+    """
+
+    def __init__(
+        self, start: np.ndarray, position: np.ndarray, nbytes: np.ndarray, size: int
+    ) -> None:
+        order = np.argsort(start, kind="stable")
+        self.start, self.position, self.bytes = start[order], position[order], nbytes[order]
+        self.above = np.zeros(size + 1, dtype=np.int64)
+        self.lowest = size
+
+    def block(self, starts: range, offsets: range) -> np.ndarray:
+        """What the stages from each of ``starts`` to each start + offset collect: a (starts,
+        offsets) array.
+
+        Each event of the block goes on the row of its start, those of the starts above on the
+        last row (every stage of the block collects them), at its position counted from the
+        first row's first end (earlier positions at that end). Sums down the rows from each
+        row to the last, then along the row up to each end, give what the stage from the row's
+        start to that end collects; row k's stages end k later, so they lie on diagonals.
+        """
+        low, high, done = np.searchsorted(self.start, [starts.start, starts.stop, self.lowest])
+        np.add.at(self.above, self.position[high:done], self.bytes[high:done])
+        self.lowest = starts.stop
+        first, span = starts.start + offsets.start, len(starts) + len(offsets) - 1
+        steps = np.zeros((len(starts), span), dtype=np.int64)
+        stretch = self.above[first : first + span]
+        steps[-1, : len(stretch)] = stretch
+        steps[-1, 0] += self.above[starts.stop : first].sum()
+        column = np.maximum(self.position[low:high] - first, 0)
+        kept = column < span
+        row = self.start[low:high][kept] - starts.start
+        np.add.at(steps, (row, column[kept]), self.bytes[low:high][kept])
+        np.cumsum(steps[::-1], axis=0, out=steps[::-1])
+        np.cumsum(steps, axis=1, out=steps)
+        down, right = steps.strides
+        return as_strided(steps, (len(starts), len(offsets)), (down + right, right))
+
 
 class _Scan:
-    """What a stage starting at node i sends and receives, for every end, as i moves down.
+    """What stages send and receive, as ``_Events``.
 
-    Difference arrays over the end j: a value produced at r (>= i) and last used at L is sent
-    by stages with r <= j < L; a value produced before i is received by stages that reach its
-    first use at or after i.
+    A value produced at r and last used at L is sent by the stages i..j with i <= r <= j < L:
+    events (r, r, +bytes) and (r, L, -bytes). A value produced at r and used at u1 < u2 < ...
+    is received by the stages i..j with r < i that reach its first use at or after i: events
+    (u, u, +bytes) at each use, (u, next use, -bytes) and (r, u1, -bytes). A value used twice
+    by one node (of merged blocks) counts once there.
     """
 
     def __init__(self, order: _Order, track_inputs: bool) -> None:
         self.order = order
-        self.sends = np.zeros(order.size + 1, dtype=np.int64)
-        self.inputs = np.zeros(order.size + 1, dtype=np.int64) if track_inputs else None
-        self.first_use = [-1] * len(order.last_use)
+        rank, made = _flat(order.made)
+        self.made_at = np.empty(len(order.last_use), dtype=np.int64)  # each value's producer
+        self.made_at[made] = rank
+        self.sends = self._send_events()
+        self.inputs = self._input_events() if track_inputs else None
 
-    def start_at(self, i: int) -> None:
-        """Move the start to ``i``; starts must come in decreasing order."""
-        order = self.order
-        for v in order.made[i]:
-            self.sends[i] += order.sent_bytes[v]
-            self.sends[order.last_use[v]] -= order.sent_bytes[v]
-        if self.inputs is None:
-            return
-        for v in order.uses[i]:
-            if self.first_use[v] >= 0:
-                self.inputs[self.first_use[v]] -= order.in_bytes[v]
-            self.inputs[i] += order.in_bytes[v]
-            self.first_use[v] = i
-        for v in order.made[i]:
-            if self.first_use[v] >= 0:
-                self.inputs[self.first_use[v]] -= order.in_bytes[v]
-                self.first_use[v] = -1
+    def _send_events(self) -> _Events:
+        made, sent = self.made_at, np.asarray(self.order.sent_bytes, dtype=np.int64)
+        last = np.asarray(self.order.last_use, dtype=np.int64)
+        return _Events(np.tile(made, 2), np.r_[made, last], np.r_[sent, -sent], self.order.size)
 
-    def sent(self, i: int, first: int, stop: int) -> np.ndarray:
-        """Bytes sent by the stages i .. i + first to i .. i + stop - 1."""
-        return np.cumsum(self.sends[i : i + stop])[first:]
+    def _input_events(self) -> _Events:
+        order, n = self.order, self.order.size
+        at, used = _flat(order.uses)
+        # Every (value, node that uses it) once, by value, then node.
+        value, use = np.divmod(np.unique(used * n + at), n)
+        nbytes = np.asarray(order.in_bytes, dtype=np.int64)[value]
+        first = np.r_[True, value[1:] != value[:-1]]
+        followed = ~first[1:]  # uses that the same value's next use follows
+        return _Events(
+            np.concatenate([self.made_at[value[first]], use, use[:-1][followed]]),
+            np.concatenate([use[first], use, use[1:][followed]]),
+            np.concatenate([-nbytes[first], nbytes, -nbytes[:-1][followed]]),
+            n,
+        )
 
-    def received(self, i: int, first: int, stop: int) -> np.ndarray:
-        """Bytes received by the stages i .. i + first to i .. i + stop - 1."""
-        assert self.inputs is not None
-        return np.cumsum(self.inputs[i : i + stop])[first:]
+
+def _flat(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-node lists of values as two arrays: each entry's node, and the entry."""
+    sizes = [len(entries) for entries in lists]
+    entries = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=sum(sizes))
+    return np.repeat(np.arange(len(lists)), sizes), entries
 
 
 class _Rows:
-    """Cost rows of the stages that start at node i and end at i + first .. i + stop - 1."""
+    """Cost rows of the stages from each start of a block to each start + offset: (starts,
+    offsets) arrays. A stage past its window (``_Problem.widths``, which also stops at the last
+    node) costs inf. Blocks must come in decreasing order (``_Events``)."""
 
-    def __init__(self, problem: _Problem, scan: _Scan, i: int, first: int, stop: int) -> None:
-        self.problem, self.scan, self.i, self.first, self.stop = problem, scan, i, first, stop
+    def __init__(
+        self,
+        problem: _Problem,
+        scan: _Scan,
+        starts: range,
+        offsets: range,
+        widths: dict[int, np.ndarray],
+    ) -> None:
+        self.problem, self.scan, self.widths = problem, scan, widths
+        self.start_range, self.offsets = starts, offsets
+        self.starts = np.arange(starts.start, starts.stop)[:, None]
+        # The stage in row k, column c ends at first_end + k + c.
+        self.first_end = starts.start + offsets.start
         self.cache: dict[object, np.ndarray] = {}
 
     def _cached(self, key: object, make) -> np.ndarray:
@@ -517,8 +622,17 @@ class _Rows:
         return self.cache[key]
 
     def _sum(self, prefix: np.ndarray) -> np.ndarray:
-        i = self.i
-        return prefix[i + 1 + self.first : i + 1 + self.stop] - prefix[i]
+        """Every stage's total of the per-node values whose prefix sums are ``prefix``."""
+        rows = _diagonals(prefix, self.first_end + 1, len(self.starts), len(self.offsets))
+        return rows - prefix[self.starts]
+
+    def sent(self) -> np.ndarray:
+        return self._cached("sent", lambda: self.scan.sends.block(self.start_range, self.offsets))
+
+    def received(self) -> np.ndarray:
+        inputs = self.scan.inputs
+        assert inputs is not None
+        return self._cached("received", lambda: inputs.block(self.start_range, self.offsets))
 
     def compute(self, types: tuple[int, ...]) -> np.ndarray:
         """Compute ms on the slowest of ``types``."""
@@ -529,41 +643,57 @@ class _Rows:
             ("compute", types), lambda: np.max([self.compute((t,)) for t in types], 0)
         )
 
-    def sent(self) -> np.ndarray:
-        return self._cached("sent", lambda: self.scan.sent(self.i, self.first, self.stop))
+    def memory(self, following: int) -> np.ndarray:
+        """Every stage's memory as ``_MemoryModel`` estimates it, from the weighted prefix sums
+        of what nodes hold (``_Problem.held``) and the bytes the stage receives."""
 
-    def memory_parts(self) -> tuple[np.ndarray, ...]:
-        """Per end: (state, params, activation, input) bytes, the arguments of stage_memory."""
-        order = self.problem.order
+        def estimate() -> np.ndarray:
+            model, held = self.problem.memory(following), self.problem.held(following)
+            rows = _diagonals(held, self.first_end + 1, len(self.starts), len(self.offsets))
+            total = rows - (held[self.starts] - model.base)
+            total += model.factors[3] * self.received()
+            return total
+
+        return self._cached(("memory", following), estimate)
+
+    def within(self, replicas: int) -> np.ndarray:
+        """Which stages lie in the window of a stage with this many replicas."""
+        offsets = self.offsets
         return self._cached(
-            "parts",
-            lambda: (
-                self._sum(order.state),
-                self._sum(order.params),
-                self._sum(order.acts),
-                self.scan.received(self.i, self.first, self.stop),
-            ),
+            ("within", replicas),
+            lambda: np.arange(offsets.start, offsets.stop) < self.widths[replicas][self.starts],
         )
 
     def row(self, key: _RowKey) -> np.ndarray:
-        """The objective of every end: time (inf over the memory limit), or memory."""
-        problem = self.problem
+        """The objective of every stage: time (inf over the memory limit), or memory; inf out of
+        the window."""
+        problem, within = self.problem, self.within(key.replicas)
         if problem.objective == "memory":
-            return self._cached(
-                key, lambda: problem.memory(key.following).estimate(self.memory_parts())
-            )
+            return self._cached(key, lambda: np.where(within, self.memory(key.following), np.inf))
         limit = problem.options.cost.memory_limit
         if limit is None:
-            return self.time(key)
+            return self._cached(key, lambda: np.where(within, self.time(key), np.inf))
         return self._cached(
-            key, lambda: np.where(self.fits(key.following, limit), self.time(key), np.inf)
+            key,
+            lambda: np.where(self.fits(key.following, key.replicas, limit), self.time(key), np.inf),
         )
 
-    def fits(self, following: int, limit: float) -> np.ndarray:
+    def fits(self, following: int, replicas: int, limit: float) -> np.ndarray:
+        """Which stages lie in their window and stay within the memory limit."""
         return self._cached(
-            ("fits", following),
-            lambda: self.problem.memory(following).fits(self.memory_parts(), limit),
+            ("fits", following, replicas),
+            lambda: self.problem.memory(following).fits(
+                self.memory(following), limit, self.within(replicas), self._parts
+            ),
         )
+
+    def _parts(self, index: tuple[int, ...]) -> tuple[int, ...]:
+        """The byte counts stage_memory takes of the stage at ``index``."""
+        row, column = index
+        first, last = int(self.starts[row, 0]), self.first_end + row + column
+        order = self.problem.order
+        held = (int(p[last + 1] - p[first]) for p in (order.state, order.params, order.acts))
+        return (*held, int(self.received()[index]))
 
     def time(self, key: _RowKey) -> np.ndarray:
         """Compute on the slowest device type, divided among replicas, plus sends and all-reduce."""
@@ -603,22 +733,35 @@ class _Table:
         )
 
 
-_Group = tuple[list[tuple[int, _Move]], int, int]
-"""Moves sharing one cost row, and the range of ends (offsets from the start) they may take."""
+class _Try(NamedTuple):
+    """A state's moves worth trying from some starts of a block (``rows`` of the block)."""
+
+    state: int
+    rows: slice
+    moves: list[_Move]
+
+
+_Reached = list[tuple[int, int] | None]
+"""Per state, the lowest and highest start filled so far whose best is within the bound."""
 
 
 def _solve(problem: _Problem, bound: float) -> _Answer | None:
-    """The best partition whose bottleneck is at most ``bound``, or None if there is none."""
+    """The best partition whose bottleneck is at most ``bound``, or None if there is none.
+
+    Starts are filled a block at a time, from the last block down.
+    """
     limit = bound * (1 + _SLACK) if not math.isinf(bound) else math.inf
+    n = problem.order.size
     table = _Table.empty(problem)
     widths, bands = problem.widths(limit), problem.band(limit)
+    reached: _Reached = [None] * len(problem.states)
+    reached[problem.index[0, 0]] = (n, n)
     scan = _Scan(problem.order, problem.memory_counts)
-    for i in range(problem.order.size - 1, -1, -1):
-        scan.start_at(i)
-        groups = _groups(problem, bands, widths, i)
-        if groups:
-            first, stop = min(g[1] for g in groups.values()), max(g[2] for g in groups.values())
-            _relax(_Rows(problem, scan, i, first, stop), table, groups)
+    for top in range(n, 0, -_BLOCK):
+        starts = range(max(top - _BLOCK, 0), top)
+        tries, offsets = _tries(problem, bands, reached, widths, starts)
+        if tries:
+            _relax(_Rows(problem, scan, starts, offsets, widths), table, tries, reached, limit)
     root = min(problem.roots, key=lambda s: (table.best[s, 0], table.end[s, 0], s))
     value = float(table.best[root, 0])
     if not (math.isfinite(value) and value <= limit):
@@ -626,51 +769,92 @@ def _solve(problem: _Problem, bound: float) -> _Answer | None:
     return _Answer(value, _walk(problem, root, table))
 
 
-def _groups(
-    problem: _Problem, bands: list[tuple[int, int]], widths: dict[int, list[int]], i: int
-) -> dict[_RowKey, _Group]:
-    """The moves worth trying from start ``i``, grouped by cost row.
+def _tries(
+    problem: _Problem,
+    bands: list[tuple[int, int]],
+    reached: _Reached,
+    widths: dict[int, np.ndarray],
+    starts: range,
+) -> tuple[list[_Try], range]:
+    """The moves worth trying from a block of starts, state by state, and the offsets from the
+    start that their ends may take.
 
-    A move is tried from states whose band holds i, at ends within the bound's window whose
-    next start lies in the band of the state the move leads to.
+    A move is tried from the starts in the state's band, at ends within the bound's window
+    whose next start may lie on a solution (``_next_starts``).
     """
-    groups: dict[_RowKey, _Group] = {}
+    tries, firsts, stops = [], [], []
     for s, (low, high) in enumerate(bands):
-        if not low <= i <= high:
+        here = np.arange(max(low, starts.start), min(high + 1, starts.stop))
+        if not len(here):
             continue
+        moves, used = [], np.zeros(len(here), dtype=bool)
         for move in problem.moves[s]:
-            next_low, next_high = bands[move.successor]
-            first, stop = max(0, next_low - 1 - i), min(widths[move.replicas][i], next_high - i)
-            if first >= stop:
+            next_starts = _next_starts(bands[move.successor], reached[move.successor], starts)
+            if next_starts is None:
                 continue
-            members, low_end, high_end = groups.get(move.key, ([], first, stop))
-            members.append((s, move))
-            groups[move.key] = (members, min(low_end, first), max(high_end, stop))
-    return groups
+            first = np.maximum(0, next_starts[0] - 1 - here)
+            stop = np.minimum(widths[move.replicas][here], next_starts[1] - here)
+            has_ends = first < stop
+            if has_ends.any():
+                moves.append(move)
+                used |= has_ends
+                firsts.append(int(first[has_ends].min()))
+                stops.append(int(stop[has_ends].max()))
+        if moves:
+            rows = np.flatnonzero(used) + int(here[0]) - starts.start
+            tries.append(_Try(s, slice(int(rows[0]), int(rows[-1]) + 1), moves))
+    return tries, range(min(firsts, default=0), max(stops, default=0))
 
 
-def _relax(rows: _Rows, table: _Table, groups: dict[_RowKey, _Group]) -> None:
-    """Fill the table at start ``rows.i``: each state's best move, ties to the earliest end."""
-    i = rows.i
-    chosen: dict[int, tuple[float, int, int]] = {}
-    for key, (members, first, stop) in groups.items():
-        row = rows.row(key)[first - rows.first : stop - rows.first]
-        following = table.best[:, i + 1 + first : i + 1 + stop]
-        if len(members) == 1:
-            candidates = np.maximum(following[members[0][1].successor], row)
-            ends = [int(candidates.argmin())]
-            values = [float(candidates[ends[0]])]
-        else:
-            candidates = np.maximum(following[[move.successor for _, move in members]], row)
-            ends = candidates.argmin(axis=1)
-            values = candidates[np.arange(len(members)), ends].tolist()
-            ends = ends.tolist()
-        for (s, move), j, value in zip(members, ends, values):
-            option = (value, i + first + j, move.replicas)
-            if s not in chosen or option < chosen[s]:
-                chosen[s] = option
-    for s, (value, j, m) in chosen.items():
-        table.best[s, i], table.end[s, i], table.replicas[s, i] = value, j, m
+def _next_starts(
+    band: tuple[int, int], reached: tuple[int, int] | None, starts: range
+) -> tuple[int, int] | None:
+    """The starts of a state that may lie on a solution, seen from a block of starts: those it
+    reached within the bound, and those of its band within the block, yet to be filled."""
+    ranges = [reached] if reached else []
+    unfilled = max(band[0], starts.start + 1), min(band[1], starts.stop - 1)
+    if unfilled[0] <= unfilled[1]:
+        ranges.append(unfilled)
+    if not ranges:
+        return None
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
+
+
+def _relax(rows: _Rows, table: _Table, tries: list[_Try], reached: _Reached, limit: float) -> None:
+    """Fill the table at the block's starts: each state's best move, ties to the earliest end,
+    then to fewer replicas (a state's moves come in increasing replicas).
+
+    States come in the order of ``problem.states``, in which every move leads to an earlier
+    state, so the next starts within the block are filled first. The rows hold more ends than
+    each start's window (``_tries``): outside it the stage is past its own window (inf), or the
+    next start lies out of the next state's band (inf there) or was not reached within the
+    bound, so such an end wins only where nothing within the bound does, on no solution.
+    """
+    width = len(rows.offsets)
+    for state, which, moves in tries:
+        starts, next_start = rows.starts[which, 0], rows.first_end + which.start + 1
+        best: tuple[np.ndarray, np.ndarray, np.ndarray | int] | None = None
+        for move in moves:
+            following = _diagonals(table.best[move.successor], next_start, len(starts), width)
+            candidates = np.maximum(following, rows.row(move.key)[which])
+            pick = candidates.argmin(axis=1)
+            value = candidates[np.arange(len(starts)), pick]
+            end = starts + rows.offsets.start + pick
+            if best is None:
+                best = value, end, move.replicas
+                continue
+            better = (value < best[0]) | ((value == best[0]) & (end < best[1]))
+            best = (
+                np.where(better, value, best[0]),
+                np.where(better, end, best[1]),
+                np.where(better, move.replicas, best[2]),
+            )
+        assert best is not None
+        table.best[state, starts], table.end[state, starts], table.replicas[state, starts] = best
+        within = starts[np.isfinite(best[0]) & (best[0] <= limit)]
+        if len(within):
+            high = reached[state][1] if reached[state] else int(within[-1])
+            reached[state] = int(within[0]), high
 
 
 def _walk(problem: _Problem, state: int, table: _Table) -> list[tuple[int, int, int]]:
@@ -761,20 +945,10 @@ def _search(problem: _Problem, bounds: list[float]) -> _Answer | None:
     return None
 
 
-def _evaluate(problem: _Problem, coarse: nx.DiGraph, stages: list[tuple[int, int, int]]) -> float:
-    """A partition's objective priced by autopipe.cost (memory plus the estimate's byte)."""
-    order, machine, options = problem.order, problem.machine, problem.options
-    if problem.objective == "time":
-        return max(_stage_times(coarse, order, machine, stages, options))
-    stage_of = _plan(order, stages, options).stage_of
-    return (
-        max(c.memory_bytes for c in stage_costs(coarse, stage_of, len(stages), options.cost)) + 2.0
-    )
-
-
-def _guess(problem: _Problem, coarse: nx.DiGraph) -> float:
+def _guess(problem: _Problem) -> float:
     """An upper bound on the optimum: the best partition that cuts only between blocks of
-    nodes, solved on the merged order and priced exactly; inf when there is none."""
+    nodes, solved on the merged order, which prices it exactly as this program does (the same
+    prefix sums at the cuts, the same bytes crossing them); inf when there is none."""
     order, machine, options = problem.order, problem.machine, problem.options
     stride = math.ceil(order.size / _GUESS_BLOCKS)
     stages = problem.n_stages
@@ -782,13 +956,7 @@ def _guess(problem: _Problem, coarse: nx.DiGraph) -> float:
         return math.inf
     merged = _Problem(order.blocks(stride), machine, options, problem.objective)
     answer = _search(merged, _trials(merged))
-    if answer is None:
-        return math.inf
-    return _evaluate(
-        problem,
-        coarse,
-        [(a * stride, min((b + 1) * stride, order.size) - 1, m) for a, b, m in answer.stages],
-    )
+    return math.inf if answer is None else answer.value
 
 
 def _optimum(problem: _Problem, guess: float) -> _Answer | None:
@@ -801,24 +969,37 @@ def _least_memory(
 ) -> tuple[list[tuple[int, int, int]], int]:
     """The partition whose largest stage memory is smallest, and that memory in bytes."""
     problem = _Problem(order, machine, options, "memory")
-    answer = _optimum(problem, _guess(problem, coarse))
+    answer = _optimum(problem, _guess(problem))
     assert answer is not None
     stage_of = _plan(order, answer.stages, options).stage_of
     costs = stage_costs(coarse, stage_of, len(answer.stages), options.cost)
     return answer.stages, max(c.memory_bytes for c in costs)
 
 
-def _time_bound(coarse: nx.DiGraph, problem: _Problem) -> float:
-    """An upper bound on the best time. Under a memory limit where blocks find no partition,
-    the least-memory partition gives one, or shows that none fits (a UserError)."""
-    guess = _guess(problem, coarse)
-    limit, options = problem.options.cost.memory_limit, problem.options
+def _time_bound(coarse: nx.DiGraph, problem: _Problem, explain: bool) -> float | None:
+    """An upper bound on the best time; None where no partition fits the memory limit.
+
+    Under a limit where blocks find no partition, the times of a partition within the limit
+    give one. With ``explain``, that of least memory, whose needs a UserError names where it
+    does not fit. Else the memory program searches only up to the limit, a smaller search, and
+    some way above it: an estimate may be two bytes (and 1e-9) over stage_memory, so it finds
+    nothing only where nothing fits.
+    """
+    guess = _guess(problem)
+    order, machine, options = problem.order, problem.machine, problem.options
+    limit = options.cost.memory_limit
     if math.isfinite(guess) or limit is None:
         return guess
-    stages, needed = _least_memory(coarse, problem.order, problem.machine, options)
-    if needed > limit:
-        raise _no_fit(problem, needed)
-    return max(_stage_times(coarse, problem.order, problem.machine, stages, options))
+    if explain:
+        stages, needed = _least_memory(coarse, order, machine, options)
+        if needed > limit:
+            raise _no_fit(problem, needed)
+    else:
+        fitting = _solve(_Problem(order, machine, options, "memory"), limit * (1 + 1e-9) + 2.0)
+        if fitting is None:
+            return None
+        stages = fitting.stages
+    return max(_stage_times(coarse, order, machine, stages, options))
 
 
 def _no_fit(problem: _Problem, needed: int) -> UserError:
@@ -850,6 +1031,19 @@ def solve_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
     Ties go to earlier cuts: each stage ends as early as it can while the rest stays optimal.
     Raises UserError when no partition fits the memory limit, naming what the best one needs.
     """
+    problem, answer = _optimal(coarse, n_stages, options, explain=True)
+    assert answer is not None
+    order, machine = problem.order, problem.machine
+    times = _stage_times(coarse, order, machine, answer.stages, options)
+    return Solution(_plan(order, answer.stages, options), answer.value, tuple(times))
+
+
+def _optimal(
+    coarse: nx.DiGraph, n_stages: int, options: PartitionOptions, explain: bool
+) -> tuple[_Problem, _Answer | None]:
+    """The program for this request and its optimum (see ``solve_pipedream``). Where no
+    partition fits the memory limit: a UserError naming what the best one needs if
+    ``explain``, else None."""
     if n_stages < 1:
         raise UserError(f"the number of stages must be at least 1, got {n_stages}")
     machine, groups = _machine(_devices(n_stages, options), options)
@@ -862,11 +1056,11 @@ def solve_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
             f"{n_stages} stages is more than that: lower -p"
         )
     problem = _Problem(order, machine, options, "time")
-    answer = _optimum(problem, _time_bound(coarse, problem))
-    if answer is None:
+    bound = _time_bound(coarse, problem, explain)
+    answer = None if bound is None else _optimum(problem, bound)
+    if answer is None and explain:
         raise _no_fit(problem, _least_memory(coarse, order, machine, options)[1])
-    times = _stage_times(coarse, order, machine, answer.stages, options)
-    return Solution(_plan(order, answer.stages, options), answer.value, tuple(times))
+    return problem, answer
 
 
 def _devices(n_stages: int, options: PartitionOptions) -> int:
@@ -878,7 +1072,17 @@ def _devices(n_stages: int, options: PartitionOptions) -> int:
 
 def partition_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> Plan:
     """The `pipedream` method: PipeDream's dynamic program (see the module doc)."""
-    return solve_pipedream(coarse, n_stages, options).plan
+    problem, answer = _optimal(coarse, n_stages, options, explain=True)
+    assert answer is not None
+    return _plan(problem.order, answer.stages, options)
+
+
+def fitting_plan(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> Plan | None:
+    """The `pipedream` plan, or None where no contiguous partition fits the memory limit: the
+    UserError of ``partition_pipedream`` would take a search of its own to name what the best
+    one needs."""
+    problem, answer = _optimal(coarse, n_stages, options, explain=False)
+    return None if answer is None else _plan(problem.order, answer.stages, options)
 
 
 # --- server files ---------------------------------------------------------------------------
