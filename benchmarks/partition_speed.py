@@ -12,6 +12,7 @@ the unlimited ``acyclic`` partition, so that it binds; the best of ``--repeats``
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from dataclasses import replace
@@ -20,11 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from test_metis_acyclic import MODEL, PARTITIONERS, layered  # noqa: E402
+from test_metis_acyclic import MODEL, PARTITIONERS, layered
 
-from autopipe.cost import stage_costs  # noqa: E402
-from autopipe.errors import UserError  # noqa: E402
-from autopipe.partitioning import METHODS, PartitionOptions  # noqa: E402
+from autopipe.cost import stage_costs
+from autopipe.errors import UserError
+from autopipe.partitioning import METHODS, PartitionOptions
 
 
 def best_seconds(run, repeats: int) -> float:
@@ -52,7 +53,8 @@ def main() -> None:
         row = [f"{name:<10}"]
         for label, options in (("free", PartitionOptions()), ("limited", limited)):
             try:
-                seconds = best_seconds(lambda: method(coarse, args.stages, options), args.repeats)
+                run = functools.partial(method, coarse, args.stages, options)
+                seconds = best_seconds(run, args.repeats)
                 row.append(f"{label} {seconds:.2f} s")
             except UserError as error:
                 row.append(f"{label}: {error}")
