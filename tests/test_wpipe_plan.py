@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import autopipe
@@ -198,8 +197,9 @@ def test_acyclic_counts_bytes_over_the_limit_per_device() -> None:
 
 
 def test_pipedream_prices_a_wpipe_stage_by_its_group() -> None:
-    parts = [np.array([8.0]), np.array([100.0]), np.array([1000.0]), np.array([800.0])]
+    parts = (8.0, 100.0, 1000.0, 800.0)
     for following in range(1, 5):
-        estimate = _MemoryModel(WPIPE, following, 4).estimate(parts)
-        exact = stage_memory(8, 100, 1000, 800, 4 - following, 4, WPIPE)
-        assert estimate[0] == pytest.approx(exact, abs=1.0)
+        base, *factors = _MemoryModel(WPIPE, following, 4).terms
+        estimate = base + sum(f * b for f, b in zip(factors, parts))
+        exact = stage_memory(*parts, 4 - following, 4, WPIPE)
+        assert estimate == pytest.approx(exact, abs=1.0)
