@@ -3,7 +3,8 @@ memory limit that binds.
 
 The graph is the layered one ``tests/test_metis_acyclic.py`` builds (100 layers of 100 units,
 skip connections up to 8 layers back). The limit is ``--limit`` times the peak stage memory of
-the unlimited ``acyclic`` partition, so that it binds; the best of ``--repeats`` runs is printed.
+the unlimited ``acyclic`` partition, so that it binds; the best of ``--repeats`` runs is printed,
+and a note where a method leaves a stage over the limit (``autopipe.partition`` would reject it).
 
     python benchmarks/partition_speed.py                 # p = 8, limit 0.9
     python benchmarks/partition_speed.py -p 16 --limit 0.9
@@ -25,7 +26,7 @@ from test_metis_acyclic import MODEL, PARTITIONERS, layered
 
 from autopipe.cost import stage_costs
 from autopipe.errors import UserError
-from autopipe.partitioning import METHODS, PartitionOptions
+from autopipe.partitioning import METHODS, PartitionOptions, Plan
 
 
 def best_seconds(run, repeats: int) -> float:
@@ -36,6 +37,14 @@ def best_seconds(run, repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def over(coarse, answer, n_stages: int, options: PartitionOptions) -> str:
+    """A note where the partition ``answer`` leaves a stage over the memory limit, else ''."""
+    limit = options.cost.memory_limit
+    stage_of = answer.stage_of if isinstance(answer, Plan) else answer
+    peak = max(c.memory_bytes for c in stage_costs(coarse, stage_of, n_stages, options.cost))
+    return "" if limit is None or peak <= limit else f" (over the limit: {peak / limit:.2f}x)"
 
 
 def main() -> None:
@@ -55,7 +64,7 @@ def main() -> None:
             try:
                 run = functools.partial(method, coarse, args.stages, options)
                 seconds = best_seconds(run, args.repeats)
-                row.append(f"{label} {seconds:.2f} s")
+                row.append(f"{label} {seconds:.2f} s{over(coarse, run(), args.stages, options)}")
             except UserError as error:
                 row.append(f"{label}: {error}")
         print("  ".join(row), flush=True)

@@ -19,11 +19,14 @@ from autopipe.errors import UserError
 from autopipe.graph import build_graph, propagate_values
 from autopipe.partitioning import METHODS, PartitionOptions, expand, partition, validate
 from autopipe.partitioning.acyclic import (
+    CONTIGUOUS_MARGIN,
     StageLoads,
     _Matcher,
+    acyclic_stages,
     coarsen,
     faster,
     index_graph,
+    objective,
     partition_acyclic,
     refine,
     stage_memories,
@@ -437,6 +440,35 @@ def test_acyclic_meets_a_memory_limit_that_its_contiguous_start_meets(shape: str
         assert sorted(set(stage_of.values())) == list(range(n_stages))
         checked += 1
     assert checked >= 4
+
+
+@pytest.mark.parametrize("shape", sorted(LIMITED_SHAPES))
+def test_acyclic_is_never_slower_than_the_optimal_contiguous_split(shape: str) -> None:
+    for seed, n_stages in itertools.product(range(4), (2, 4, 7)):
+        coarse = with_weights(LIMITED_SHAPES[shape](seed), seed)
+        split = partition_pipedream(coarse, n_stages, PartitionOptions()).stage_of
+        stage_of = partition_acyclic(coarse, n_stages, PartitionOptions())
+        assert slowest(coarse, stage_of, n_stages) <= slowest(coarse, split, n_stages) * (1 + 1e-9)
+
+
+def test_the_contiguous_split_is_searched_for_only_where_it_can_win() -> None:
+    """Where the other starts fit in memory, only a split at most CONTIGUOUS_MARGIN slower
+    than the best of them is asked for; where they do not, any split that fits."""
+    coarse = with_weights(layered(6, 5, seed=2), 2)
+    nodes, graph = index_graph(coarse)
+    asked: list[float] = []
+
+    def contiguous(within: float) -> None:
+        asked.append(within)
+
+    for limit in (None, 1.0):
+        options = PartitionOptions(cost=replace(MODEL, memory_limit=limit))
+        stages = acyclic_stages(graph, 3, options, contiguous)
+        if limit is None:
+            best = objective(graph, stages, 3, MODEL)[1][0]
+            assert asked.pop() == pytest.approx(best * (1 + CONTIGUOUS_MARGIN), rel=1e-6)
+        else:
+            assert asked.pop() == math.inf
 
 
 def test_refinement_brings_a_stage_under_the_limit_before_it_balances_time() -> None:

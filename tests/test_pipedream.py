@@ -172,6 +172,25 @@ def test_fitting_plan_is_none_exactly_where_no_split_fits() -> None:
             assert fitting_plan(graph, 3, options) == expected
 
 
+def test_fitting_plan_within_a_time_finds_the_optimum_only_if_it_is_that_fast() -> None:
+    """Asked for a split no slower than some ms, fitting_plan returns the optimal split where
+    it is that fast (also where blocks of nodes give no bound, on 600 nodes), else None."""
+    for seed, n in ((0, 9), (1, 12), (2, 600)):
+        graph = _graph(n, seed, skip=0.3)
+        for limit in (None, 1.05):
+            model = CostModel()
+            if limit is not None:
+                free = solve_pipedream(graph, 3, PartitionOptions(cost=model)).plan.stage_of
+                peak = max(c.memory_bytes for c in stage_costs(graph, free, 3, model))
+                model = replace(model, memory_limit=limit * peak)
+            options = PartitionOptions(cost=model)
+            best = solve_pipedream(graph, 3, options)
+            for factor in (1.0, 1.01, 2.0):
+                within = best.bottleneck_ms * factor
+                assert fitting_plan(graph, 3, options, within) == best.plan
+            assert fitting_plan(graph, 3, options, best.bottleneck_ms * 0.99) is None
+
+
 def _replicated_brute_force(graph: nx.DiGraph, devices: int, model: CostModel) -> float:
     """Best bottleneck over contiguous splits and replica counts, by the REFERENCE formula."""
     n, best = graph.number_of_nodes(), math.inf

@@ -24,7 +24,10 @@ step here keeps all edges going to the same or a later stage:
    (``autopipe.cost.device_totals``).
 4. The finest graph's own contiguous cut and the optimal contiguous split (the PipeDream
    program, which meets a memory limit whenever any contiguous split does), refined the same
-   way, compete with the multilevel result; the best by the same objective gets a last sweep
+   way, compete with the multilevel result. The split is searched for only where the other
+   two exceed the memory limit or it is at most ``CONTIGUOUS_MARGIN`` slower than the better
+   of them (a short search where it is not), so the result is never slower than it. The
+   best by the same objective gets a last sweep
    that takes every move keeping the slowest stage as fast, and no further over the limit,
    while sending fewer bytes. The result thus meets a memory limit whenever a contiguous
    split does, except under wpipe: the program sees the limit per stage, and only refinement
@@ -43,7 +46,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from typing import NamedTuple
 
 import networkx as nx
@@ -51,7 +54,7 @@ import numpy as np
 
 from autopipe.cost import CostModel, device_totals, stage_device, stage_memory
 from autopipe.errors import UserError
-from autopipe.partitioning.base import PartitionOptions
+from autopipe.partitioning.base import PartitionOptions, without_cycle_collection
 from autopipe.partitioning.pipedream import fitting_plan
 
 NODES_PER_STAGE = 10
@@ -63,6 +66,10 @@ PATH_SEARCH_LIMIT = 32
 """Nodes an acyclicity check may visit before it gives up and declines the merge."""
 REFINE_PASSES = 8
 """Sweeps per level; each sweep after the first revisits only the neighbourhood of what moved."""
+CONTIGUOUS_MARGIN = 0.1
+"""The optimal contiguous split is refined as a start only if its slowest stage is within this
+fraction of the best other start's (refined): refinement seldom gains more on it, and the
+search for a split that is not there is short."""
 RELATIVE_TOLERANCE = 1e-9
 """How much a stage time must drop for a move to count as faster (float noise aside)."""
 HELD_BYTES = ("state_bytes", "param_bytes", "activation_bytes")
@@ -531,11 +538,14 @@ class StageLoads:
             excess += max(now - floor, 0) - max(was - floor, 0)
         return excess
 
-    def price(self, cluster: int, target: int) -> Key:
-        """The objective ``key()`` would return after moving ``cluster`` to stage ``target``."""
+    def price(self, cluster: int, target: int, best_case: Key | None = None) -> Key:
+        """The objective ``key()`` would return after moving ``cluster`` to stage ``target``;
+        the times and bytes sent are taken from the move's ``best_case`` where given."""
         excess = self._excess_after(cluster, target) if self.model.memory_limit is not None else 0
         if excess == math.inf:
             return FORBIDDEN
+        if best_case is not None:
+            return excess, best_case[1], best_case[2]
         return self.time_price(cluster, target, excess)
 
     def best_case(self, cluster: int, target: int) -> Key | None:
@@ -848,8 +858,8 @@ def leaner(candidate: Key, current: Key) -> bool:
 def _targets(graph: ClusterGraph, stages: list[int], cluster: int, n_stages: int) -> list[int]:
     """Stages ``cluster`` may move to with every edge still going forward: those of its
     neighbours, or one step either way, between its predecessors' and its successors' stages."""
-    before = [stages[u] for u in graph.pred[cluster]]
-    after = [stages[v] for v in graph.succ[cluster]]
+    before = [stages[u] for u in graph.pred_lists[cluster]]
+    after = [stages[v] for v in graph.succ_lists[cluster]]
     low = max(before, default=0)
     high = min(after, default=n_stages - 1)
     if low == high:
@@ -903,7 +913,7 @@ def refine(
                 best_case = loads.best_case(cluster, target)
                 if best_case is not None and not accept(best_case, current):
                     continue
-                candidate = loads.price(cluster, target)
+                candidate = loads.price(cluster, target, best_case)
                 if accept(candidate, current):
                     current, best = candidate, target
             if best >= 0:
@@ -913,14 +923,15 @@ def refine(
             return
         touched = set(moved)
         for cluster in moved:
-            touched.update(graph.pred[cluster])
-            touched.update(graph.succ[cluster])
+            touched.update(graph.pred_lists[cluster])
+            touched.update(graph.succ_lists[cluster])
         active = sorted(touched)
 
 
 # The method ---------------------------------------------------------------------------------
 
 
+@without_cycle_collection
 def partition_acyclic(
     coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
 ) -> dict[int, int]:
@@ -930,46 +941,60 @@ def partition_acyclic(
     nodes, graph = index_graph(coarse)
     if n_stages == 1:
         return {n: 0 for n in nodes}
-    starts = [_best_contiguous(coarse, nodes, n_stages, options)]
-    stages = acyclic_stages(graph, n_stages, options, [s for s in starts if s is not None])
+    contiguous = partial(_best_contiguous, coarse, nodes, n_stages, options)
+    stages = acyclic_stages(graph, n_stages, options, contiguous)
     return {n: stages[u] for u, n in enumerate(nodes)}
 
 
 def _best_contiguous(
-    coarse: nx.DiGraph, nodes: list[int], n_stages: int, options: PartitionOptions
+    coarse: nx.DiGraph,
+    nodes: list[int],
+    n_stages: int,
+    options: PartitionOptions,
+    within: float = math.inf,
 ) -> list[int] | None:
     """The optimal contiguous split of the cost model (the PipeDream program), as a start that
-    refinement can only improve; None where no contiguous split fits in memory."""
+    refinement can only improve; None where no contiguous split fits in memory or none has
+    its slowest stage within ``within`` ms."""
     plain = replace(options, replication=False, replicas=None, levels=(), devices=())
     try:
-        plan = fitting_plan(coarse, n_stages, plain)
+        plan = fitting_plan(coarse, n_stages, plain, within)
     except UserError:
         return None
     return None if plan is None else [plan.stage_of[n] for n in nodes]
 
 
 def acyclic_stages(
-    finest: ClusterGraph, n_stages: int, options: PartitionOptions, starts: list[list[int]] = ()
+    finest: ClusterGraph,
+    n_stages: int,
+    options: PartitionOptions,
+    contiguous: Callable[[float], list[int] | None] = lambda within: None,
 ) -> list[int]:
     """The stage of every cluster of ``finest`` (see ``partition_acyclic``).
 
     Greedy refinement stops in local optima, so several starts are refined and the best one
     kept: the multilevel one, whose coarse moves shift whole regions, the finest graph's own
-    contiguous cut, balanced to within one node, and any given ``starts`` (the optimal
-    contiguous split). Each wins on some graphs, and the result is never worse than a start.
+    contiguous cut, balanced to within one node, and the optimal contiguous split that
+    ``contiguous`` returns, if any, whose slowest stage is at most the ms it is given. Each
+    wins on some graphs. The result is never slower than that optimal split: where the other
+    starts fit in memory, the split is asked for only if it is at most ``CONTIGUOUS_MARGIN``
+    slower than the best of them.
     """
+    model = options.cost
     levels = coarsen(finest, n_stages, options.seed)
-    candidates = [_uncoarsen(levels, n_stages, options.cost)]
+    candidates = [_uncoarsen(levels, n_stages, model)]
     if len(levels) > 1:
         flat = initial_stages(finest, n_stages)
-        refine(finest, StageLoads(finest, flat, n_stages, options.cost), n_stages)
+        refine(finest, StageLoads(finest, flat, n_stages, model), n_stages)
         candidates.append(flat)
-    for start in starts:
-        start = list(start)
-        refine(finest, StageLoads(finest, start, n_stages, options.cost), n_stages)
+    best = min(candidates, key=lambda stages: objective(finest, stages, n_stages, model))
+    excess, times, _ = objective(finest, best, n_stages, model)
+    start = contiguous(times[0] * (1 + CONTIGUOUS_MARGIN) if excess == 0 else math.inf)
+    if start is not None:
+        refine(finest, StageLoads(finest, start, n_stages, model), n_stages)
         candidates.append(start)
-    best = min(candidates, key=lambda stages: objective(finest, stages, n_stages, options.cost))
-    refine(finest, StageLoads(finest, best, n_stages, options.cost), n_stages, accept=leaner)
+        best = min(candidates, key=lambda stages: objective(finest, stages, n_stages, model))
+    refine(finest, StageLoads(finest, best, n_stages, model), n_stages, accept=leaner)
     return best
 
 

@@ -9,8 +9,10 @@ it. Methods must be deterministic for a given ``options.seed``.
 
 from __future__ import annotations
 
+import functools
+import gc
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable, TypeVar, Union
 
 import networkx as nx
 
@@ -82,6 +84,28 @@ def _check_wpipe(options: PartitionOptions) -> None:
 
 
 Method = Callable[[nx.DiGraph, int, PartitionOptions], Union[dict[int, int], Plan]]
+
+_Call = TypeVar("_Call", bound=Callable)
+
+
+def without_cycle_collection(method: _Call) -> _Call:
+    """``method`` run with Python's cycle collector paused, as it was before on return.
+
+    A partitioner makes many short-lived containers while the model's graph keeps many
+    long-lived ones; the collector would rescan those over and over (about a tenth of the
+    time on 10,000 units). What the partitioner leaves in cycles is collected after it."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if not gc.isenabled():
+            return method(*args, **kwargs)
+        gc.disable()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return run  # type: ignore[return-value]
 
 
 def check_replicas(n_stages: int, options: PartitionOptions) -> None:

@@ -35,7 +35,7 @@ from autopipe.partitioning.acyclic import (
     index_graph,
     objective,
 )
-from autopipe.partitioning.base import PartitionOptions
+from autopipe.partitioning.base import PartitionOptions, without_cycle_collection
 
 WEIGHT_SCALE = 1_000_000
 """Total integer vertex weight METIS sees; each vertex weighs at least 1."""
@@ -43,6 +43,7 @@ EDGE_SCALE = 10_000
 """Integer weight of the heaviest edge; each edge weighs at least 1."""
 
 
+@without_cycle_collection
 def partition_metis(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> dict[int, int]:
     """Stage of every contracted node: the best repaired METIS partition over several seeds."""
     check_request(coarse, n_stages)

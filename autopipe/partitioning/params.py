@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import networkx as nx
 
-from autopipe.partitioning.base import PartitionOptions
+from autopipe.partitioning.base import PartitionOptions, without_cycle_collection
 
 
+@without_cycle_collection
 def partition_by_params(
     coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
 ) -> dict[int, int]:

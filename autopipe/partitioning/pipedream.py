@@ -56,7 +56,13 @@ from autopipe.cost import (
     stage_memory,
 )
 from autopipe.errors import UserError
-from autopipe.partitioning.base import DeviceGroup, PartitionOptions, Plan, check_replicas
+from autopipe.partitioning.base import (
+    DeviceGroup,
+    PartitionOptions,
+    Plan,
+    check_replicas,
+    without_cycle_collection,
+)
 
 _SLACK = 1e-9
 """Relative tolerance on a bound, so rounding in prefix sums never prunes the optimum."""
@@ -1025,6 +1031,7 @@ def _gigabytes(limit: float, needed: float) -> tuple[str, str]:
     return have, need
 
 
+@without_cycle_collection
 def solve_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> Solution:
     """The optimal contiguous partition, its bottleneck and stage times. See the module doc.
 
@@ -1039,11 +1046,16 @@ def solve_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions
 
 
 def _optimal(
-    coarse: nx.DiGraph, n_stages: int, options: PartitionOptions, explain: bool
+    coarse: nx.DiGraph,
+    n_stages: int,
+    options: PartitionOptions,
+    explain: bool,
+    within: float = math.inf,
 ) -> tuple[_Problem, _Answer | None]:
     """The program for this request and its optimum (see ``solve_pipedream``). Where no
     partition fits the memory limit: a UserError naming what the best one needs if
-    ``explain``, else None."""
+    ``explain``, else None. With a finite ``within``, None also where the optimum's slowest
+    stage takes longer than that many ms, a search bounded by it."""
     if n_stages < 1:
         raise UserError(f"the number of stages must be at least 1, got {n_stages}")
     machine, groups = _machine(_devices(n_stages, options), options)
@@ -1056,6 +1068,8 @@ def _optimal(
             f"{n_stages} stages is more than that: lower -p"
         )
     problem = _Problem(order, machine, options, "time")
+    if math.isfinite(within):
+        return problem, _solve(problem, min(within, _guess(problem)))
     bound = _time_bound(coarse, problem, explain)
     answer = None if bound is None else _optimum(problem, bound)
     if answer is None and explain:
@@ -1070,6 +1084,7 @@ def _devices(n_stages: int, options: PartitionOptions) -> int:
     return n_stages if options.replicas is None else sum(options.replicas)
 
 
+@without_cycle_collection
 def partition_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> Plan:
     """The `pipedream` method: PipeDream's dynamic program (see the module doc)."""
     problem, answer = _optimal(coarse, n_stages, options, explain=True)
@@ -1077,11 +1092,14 @@ def partition_pipedream(coarse: nx.DiGraph, n_stages: int, options: PartitionOpt
     return _plan(problem.order, answer.stages, options)
 
 
-def fitting_plan(coarse: nx.DiGraph, n_stages: int, options: PartitionOptions) -> Plan | None:
-    """The `pipedream` plan, or None where no contiguous partition fits the memory limit: the
+@without_cycle_collection
+def fitting_plan(
+    coarse: nx.DiGraph, n_stages: int, options: PartitionOptions, within: float = math.inf
+) -> Plan | None:
+    """The `pipedream` plan, or None where no contiguous partition fits the memory limit (the
     UserError of ``partition_pipedream`` would take a search of its own to name what the best
-    one needs."""
-    problem, answer = _optimal(coarse, n_stages, options, explain=False)
+    one needs) or where its slowest stage takes longer than ``within`` ms."""
+    problem, answer = _optimal(coarse, n_stages, options, explain=False, within=within)
     return None if answer is None else _plan(problem.order, answer.stages, options)
 
 
