@@ -27,9 +27,8 @@ step here keeps all edges going to the same or a later stage:
    way, compete with the multilevel result. The split is searched for only where the other
    two exceed the memory limit or it is at most ``CONTIGUOUS_MARGIN`` slower than the better
    of them (a short search where it is not), so the result is never slower than it. The
-   best by the same objective gets a last sweep
-   that takes every move keeping the slowest stage as fast, and no further over the limit,
-   while sending fewer bytes. The result thus meets a memory limit whenever a contiguous
+   best by the same objective gets a last sweep that takes every move keeping the slowest
+   stage as fast, and no further over the limit, while sending fewer bytes. The result thus meets a memory limit whenever a contiguous
    split does, except under wpipe: the program sees the limit per stage, and only refinement
    sees the sum of a device's two stages.
 
@@ -987,13 +986,14 @@ def acyclic_stages(
         flat = initial_stages(finest, n_stages)
         refine(finest, StageLoads(finest, flat, n_stages, model), n_stages)
         candidates.append(flat)
-    best = min(candidates, key=lambda stages: objective(finest, stages, n_stages, model))
-    excess, times, _ = objective(finest, best, n_stages, model)
+    keys = [objective(finest, stages, n_stages, model) for stages in candidates]
+    excess, times, _ = min(keys)
     start = contiguous(times[0] * (1 + CONTIGUOUS_MARGIN) if excess == 0 else math.inf)
     if start is not None:
         refine(finest, StageLoads(finest, start, n_stages, model), n_stages)
         candidates.append(start)
-        best = min(candidates, key=lambda stages: objective(finest, stages, n_stages, model))
+        keys.append(objective(finest, start, n_stages, model))
+    best = candidates[keys.index(min(keys))]
     refine(finest, StageLoads(finest, best, n_stages, model), n_stages, accept=leaner)
     return best
 
