@@ -54,7 +54,10 @@ def record_init_args() -> Iterator[None]:
     try:
         yield
     finally:
-        sys.setprofile(previous)
+        if previous is None or callable(previous):
+            sys.setprofile(previous)
+        else:  # cProfile's profiler is no Python hook; it puts itself back
+            previous.enable()
 
 
 def _arguments_of(frame: FrameType) -> tuple[list[Any], dict[str, Any]]:
