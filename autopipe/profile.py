@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "AUTOPIPE_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/autopipe/profiles")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: backward times less the cost of an empty autograd call
 _COSTLESS_OPS = frozenset({"placeholder", "get_attr", "output"})
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _CACHED_REPEATS = 5  # what ``profile`` measures with: profile_measured's default
@@ -551,6 +551,8 @@ class _MeasuringInterpreter(_NodeInterpreter):
         self.bar = bar
         self.stopwatch = _Stopwatch(device)
         self.cuda = device.type == "cuda"
+        self.call_ms = 0.0
+        """The fixed cost of a backward call, left out of node times (``_empty_backward_ms``)."""
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -578,7 +580,8 @@ class _MeasuringInterpreter(_NodeInterpreter):
             peak = torch.cuda.max_memory_allocated(self.device) - baseline if self.cuda else None
             kept = _keep(run.out, torch.device("cpu") if self.save_memory_mode else None)
         forward_time = statistics.median(forward)
-        backward_time = statistics.median(backward) + (forward_time if self.recomputation else 0.0)
+        backward_time = max(statistics.median(backward) - self.call_ms, 0.0)
+        backward_time += forward_time if self.recomputation else 0.0
         self.profiles[n.name] = NodeProfile(
             forward_time, backward_time, max(0, peak) if peak is not None else None
         )
@@ -591,20 +594,52 @@ class _MeasuringInterpreter(_NodeInterpreter):
         return _substituted_state(self.fetch_attr(str(n.target)), _private_copy(self.device))
 
     def _time_backward(self, n: fx.Node, out: Any, targets: list[torch.Tensor]) -> float:
-        """Time ``autograd.grad`` of the outputs with random output grads; 0 when nothing
-        needs a grad."""
+        """Time the backward of the outputs with random output grads into fresh ``.grad`` of
+        ``targets``, as a stage's backward fills its parameters' (cleared after); 0 when
+        nothing needs a grad. The time includes the fixed cost of the call (``call_ms``)."""
         outputs = _differentiable_outputs(out)
         if not outputs or not targets:
             return 0.0
         grads = [torch.randn_like(t) for t in outputs]
+        for target in targets:
+            target.grad = None
         try:
             elapsed, _ = self.stopwatch(
-                lambda: torch.autograd.grad(outputs, targets, grads, allow_unused=True)
+                lambda: torch.autograd.backward(outputs, grads, inputs=targets)
             )
         except RuntimeError as error:
             log.warning("cannot run the backward of %s (%s); counting it as 0", n.name, error)
             return 0.0
+        finally:
+            for target in targets:
+                target.grad = None
         return elapsed
+
+
+def _empty_backward_ms(
+    stopwatch: _Stopwatch, device: torch.device, warmup: int, repeats: int
+) -> float:
+    """The fixed cost of starting a backward, as ``stopwatch`` reads it. A node's backward is
+    timed as a backward call of its own, but a stage runs one backward through all its nodes
+    and pays that cost once, so node times leave it out.
+
+    It is what a backward through one scalar multiply takes less what one more multiply adds,
+    2 t(1) - t(2), from the medians of at least 20 runs each."""
+    leaf = torch.ones((), device=device, requires_grad=True)
+
+    def median_ms(multiplies: int) -> float:
+        times = []
+        for repetition in range(warmup + max(repeats, 20)):
+            out = leaf
+            for _ in range(multiplies):
+                out = out * 1.0
+            leaf.grad = None
+            elapsed, _ = stopwatch(lambda: torch.autograd.backward(out, inputs=[leaf]))
+            if repetition >= warmup:
+                times.append(elapsed)
+        return statistics.median(times)
+
+    return max(2 * median_ms(1) - median_ms(2), 0.0)
 
 
 def profile_measured(
@@ -621,9 +656,10 @@ def profile_measured(
 
     The graph runs node by node. Each node runs ``warmup`` untimed then ``repeats`` timed times
     on fresh detached copies of its inputs, and the median counts: forward is the call,
-    backward is ``autograd.grad`` of its outputs (random output grads) with respect to its
-    inputs that need a grad and its module's parameters. With ``recomputation`` the backward
-    also pays the forward again. On CUDA, ``peak_bytes`` is the peak memory a node adds.
+    backward is the backward of its outputs (random output grads) into fresh ``.grad`` of its
+    inputs that need a grad and its module's parameters, less the fixed cost of starting a
+    backward (a stage pays it once, not per node: about 0.08 ms on a CPU, on a small model as
+    much as the work). With ``recomputation`` the backward also pays the forward again. On CUDA, ``peak_bytes`` is the peak memory a node adds.
 
     The model runs on private copies of its parameters and buffers, so its state (BatchNorm
     running statistics included) and its ``.grad`` stay as they were, and so does the random
@@ -656,13 +692,15 @@ def profile_measured(
         with on_device, torch.random.fork_rng(devices=rng_devices), _substituted_state(
             module, _private_copy(None if save_memory_mode else target)
         ):
+            interpreter.call_ms = _empty_backward_ms(interpreter.stopwatch, target, warmup, repeats)
             interpreter.run(*inputs)
     profiles = interpreter.profiles
     log.info(
-        "measured on %s: forward %.3f ms, backward %.3f ms",
+        "measured on %s: forward %.3f ms, backward %.3f ms (%.3f ms per backward call left out)",
         target,
         sum(p.forward_ms for p in profiles.values()),
         sum(p.backward_ms for p in profiles.values()),
+        interpreter.call_ms,
     )
     return profiles
 
