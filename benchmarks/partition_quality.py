@@ -14,7 +14,12 @@ partitioner's wall time and the node count; then, per profile, how much better `
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from autopipe.cost import CostModel, lower_bound_ms
 from autopipe.graph import build_graph, propagate_values
