@@ -288,6 +288,7 @@ def simulate_costs(
     step_ms: Sequence[float] | None = None,
     activation_bytes: Sequence[float] | None = None,
     tied_stages: Sequence[AbstractSet[int]] = (),
+    tied_ms: Sequence[float] = (),
 ) -> Timeline:
     """Run ``schedule`` with per-stage times for one microbatch (ms) and transfer times.
 
@@ -296,7 +297,8 @@ def simulate_costs(
     step for the backwards of its stage before it. Transfers overlap computation (sends are
     asynchronous); only the receiver waits. Stages that hold copies of one tied weight sum its
     gradient before every step, so each group in ``tied_stages`` starts its k-th steps together,
-    when the last of them gets there. A forward that predicts weights (PipeOptim) also takes
+    when the last of them gets there, and each of those steps takes the group's all-reduce,
+    ``tied_ms`` (none where not given), on top of ``step_ms``. A forward that predicts weights (PipeOptim) also takes
     its stage's step time: it writes every weight once, as a step does. Raises
     :class:`ScheduleError` on a deadlock.
     """
@@ -307,6 +309,10 @@ def simulate_costs(
         BACKWARD: _per_stage(backward_ms, n, "backward_ms"),
         STEP: _per_stage(step_ms, n, "step_ms"),
     }
+    reduce_ms = [0.0] * n
+    for group, ms in zip(tied_stages, tied_ms):
+        for stage in group:
+            reduce_ms[stage] += _non_negative(ms, "tied_ms")
     held = (
         None
         if activation_bytes is None
@@ -336,6 +342,8 @@ def simulate_costs(
                 duration = durations[action.kind][action.stage]
                 if action.predict:  # PipeOptim writes predicted weights, a step's worth of work
                     duration += durations[STEP][action.stage]
+                if action.kind == STEP:
+                    duration += reduce_ms[action.stage]
                 free[device] = end[key] = start + duration
                 timed[(device, position[device])] = TimedAction(key[0], device, start, end[key])
                 position[device] += 1
@@ -397,6 +405,9 @@ class PipelineCosts:
     """The run's batch the costs are for (the file's unless another was given)."""
     tied_stages: tuple[frozenset[int], ...] = ()
     """Groups of stages holding copies of one tied weight (their steps wait for each other)."""
+    tied_ms: tuple[float, ...] = ()
+    """Per group, the all-reduce of its tied gradients before each step (none where the bytes
+    of the tied weights were not given)."""
 
 
 def _value_bytes(spec: Mapping[str, Any], share: float) -> float:
@@ -488,6 +499,7 @@ def costs_from_pipeline(
     bandwidth_gbps: float | None = None,
     microbatches: int = 1,
     batch_size: int | None = None,
+    tied_bytes: Mapping[tuple[int, str], int] | None = None,
 ) -> PipelineCosts:
     """Per-microbatch costs from a generated file's ``PIPELINE``: the stage times recorded in
     ``costs`` (for the batch the file was traced at) scaled to one microbatch of a run of
@@ -499,6 +511,10 @@ def costs_from_pipeline(
     operation weigh more in a small batch), so the closest prediction comes from a file
     profiled at the microbatch size itself (``-b`` of ``autopipe.partition`` = batch / m),
     where the share is 1 and the profile is used as measured.
+
+    With ``tied_bytes`` (``tied_parameter_bytes``), each group of stages sharing tied weights
+    also gets the time of a ring all-reduce of one copy of each, 2 (k - 1) / k of its bytes
+    over the bandwidth for k stages, as the runtime sums tied gradients before every step.
     """
     share = microbatch_share(pipeline, microbatches, batch_size)
     costs = _stage_costs(pipeline)
@@ -517,6 +533,38 @@ def costs_from_pipeline(
         bandwidth_source=source,
         batch_size=pipeline.get("batch_size") if batch_size is None else batch_size,
         tied_stages=tied_stage_groups(pipeline),
+        tied_ms=() if tied_bytes is None else _tied_reduce_ms(pipeline, tied_bytes, bandwidth),
+    )
+
+
+def tied_parameter_bytes(generated: Any) -> dict[tuple[int, str], int]:
+    """Bytes of every copy of a tied weight that ``PIPELINE["tied_parameters"]`` names, read
+    off the generated file's stages built on the meta device (no memory, no compute)."""
+    wanted: dict[int, set[str]] = {}
+    for members in generated.PIPELINE.get("tied_parameters", []):
+        for stage, name in members:
+            wanted.setdefault(stage, set()).add(name)
+    found = {}
+    for stage, names in sorted(wanted.items()):
+        with torch.device("meta"):
+            parameters = dict(generated.build_stage(stage).named_parameters(remove_duplicate=False))
+        for name in sorted(names):
+            found[(stage, name)] = parameters[name].numel() * parameters[name].element_size()
+    return found
+
+
+def _tied_reduce_ms(
+    pipeline: Mapping[str, Any], tied_bytes: Mapping[tuple[int, str], int], bandwidth: float
+) -> tuple[float, ...]:
+    """Per group of ``tied_stage_groups``, a ring all-reduce of one copy of each of its tied
+    weights over ``bandwidth`` GB/s."""
+    total: dict[frozenset[int], float] = {}
+    for members in pipeline.get("tied_parameters", []):
+        group = frozenset(stage for stage, _ in members)
+        total[group] = total.get(group, 0.0) + max(tied_bytes[tuple(m)] for m in members)
+    return tuple(
+        2 * (len(group) - 1) / len(group) * total[group] / (bandwidth * 1e6)
+        for group in tied_stage_groups(pipeline)
     )
 
 
@@ -713,6 +761,11 @@ def report(
         + _steps(timeline)
         + _throughput(timeline, costs.batch_size, microbatches),
         f"bubble: {timeline.bubble:.1%} of the devices' time",
+        *(
+            f"stages {', '.join(map(str, sorted(group)))} all-reduce their tied weights' "
+            f"gradients before every step: {format_ms(ms)} ms"
+            for group, ms in zip(costs.tied_stages, costs.tied_ms)
+        ),
         _stage_table(timeline, costs),
     ]
     if schedule.n_microbatches <= GRID_MAX_MICROBATCHES:
@@ -783,9 +836,11 @@ def _grid(schedule: Schedule, dependencies: Dependencies) -> str:
 def run(args: argparse.Namespace) -> str:
     """Simulate the file's costs under the schedule, write the pictures asked for, report."""
     _check_args(args)
-    pipeline = load_generated(args.model).PIPELINE
+    generated = load_generated(args.model)
+    pipeline = generated.PIPELINE
     check_wpipe(args.schedule, make_layout(pipeline), pipeline)
-    costs = costs_from_pipeline(pipeline, args.bw, args.microbatches, args.batch_size)
+    tied_bytes = tied_parameter_bytes(generated)
+    costs = costs_from_pipeline(pipeline, args.bw, args.microbatches, args.batch_size, tied_bytes)
     dependencies = stage_dependencies(pipeline)
     n_stages = len(pipeline["stages"])
     schedule = build_schedule(args.schedule, n_stages, args.microbatches, args.steps)
@@ -797,6 +852,7 @@ def run(args: argparse.Namespace) -> str:
         costs.comm_ms,
         activation_bytes=costs.input_bytes,
         tied_stages=costs.tied_stages,
+        tied_ms=costs.tied_ms,
     )
     written = []
     if args.timeline:

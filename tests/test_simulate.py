@@ -34,6 +34,7 @@ from runtime.simulate import (
     draw_timeline,
     main,
     simulate_costs,
+    tied_parameter_bytes,
     tied_stage_groups,
     weight_versions,
 )
@@ -384,6 +385,27 @@ def test_tied_stage_groups_come_from_the_pipeline() -> None:
         "tied_parameters": [[[0, "wte.weight"], [3, "lm_head.weight"]], [[1, "a"], [1, "b"]]]
     }
     assert tied_stage_groups(pipeline) == (frozenset({0, 3}),)
+
+
+def test_tied_steps_take_their_groups_all_reduce() -> None:
+    built = build_schedule("1f1b", 3, 4)
+    deps = {0: set(), 1: {0}, 2: {1}}
+    times = dict(forward_ms=[1.0] * 3, backward_ms=[2.0] * 3, step_ms=[0.5] * 3)
+    timeline = simulate_costs(built, deps, **times, tied_stages=[{0, 2}], tied_ms=[4.0])
+    durations = {t.device: t.duration_ms for t in timeline.records if t.action.kind == "S"}
+    assert durations == {0: 4.5, 1: 0.5, 2: 4.5}
+
+
+def test_the_tied_all_reduce_is_a_ring_over_the_link_of_one_copy_per_weight() -> None:
+    generated = load_generated(GPT2)
+    tied = tied_parameter_bytes(generated)
+    assert tied == {(0, "wte.weight"): 50257 * 768 * 4, (3, "lm_head.weight"): 50257 * 768 * 4}
+    pipeline = generated.PIPELINE
+    costs = costs_from_pipeline(pipeline, 10.0, tied_bytes=tied)
+    assert costs.tied_stages == (frozenset({0, 3}),)
+    # a ring over k = 2 stages moves 2 (k - 1) / k = 1 copy's bytes, at 10 GB/s
+    assert costs.tied_ms == pytest.approx((50257 * 768 * 4 / 10e6,))
+    assert costs_from_pipeline(pipeline, 10.0).tied_ms == ()
 
 
 def test_a_forward_that_predicts_weights_pays_its_stages_step() -> None:
