@@ -8,7 +8,10 @@ not recompute), then for each schedule:
   (a synchronous schedule's action lists run once per batch, an asynchronous one without a
   flush), plus two costs the graph's profile leaves out and that are measured here in the same
   way as the profile, with the same threads: the loss (forward and backward), which the last
-  stage computes in each backward, and each stage's optimizer step;
+  stage computes in each backward, and each stage's optimizer step. Transfers are priced as
+  gloo makes them between two processes here (``link_probe.py``: a fixed cost per message and
+  a bandwidth, also used for the all-reduce of weights tied across stages before each step),
+  or at ``--bw`` GB/s;
 - measured: ``torchrun --nproc_per_node P -m runtime --device cpu --trace`` (gloo) for
   ``--steps`` batches.
 
@@ -51,7 +54,7 @@ import torch
 
 from launch import BenchmarkError, run_measured
 from autopipe.tasks import FAMILIES
-from runtime.comm import value_specs
+from runtime.comm import carries_gradient, transfers, value_specs
 from runtime.schedule import (
     ASYNC_SCHEDULES,
     BACKWARD,
@@ -65,6 +68,7 @@ from runtime.simulate import (
     chrome_trace,
     costs_from_pipeline,
     simulate_costs,
+    tied_parameter_bytes,
     tied_stage_groups,
 )
 from runtime.stage import load_generated
@@ -181,18 +185,59 @@ class StageCosts:
     step_ms: list[float]
     comm_ms: dict[tuple[int, int], float]
     loss_ms: float
+    tied_ms: tuple[float, ...]
 
 
-def stage_costs(path: Path, args: argparse.Namespace) -> StageCosts:
+@dataclass(frozen=True)
+class Link:
+    """How transfers between the processes are priced: a fixed cost per message and GB/s."""
+
+    latency_ms: float
+    gbps: float | None
+    """None: the bandwidth the file records."""
+
+
+def probe_link(args: argparse.Namespace, threads: int) -> Link:
+    """The link as gloo makes it between two processes on this machine (``link_probe.py``),
+    or ``--bw`` GB/s with no fixed cost where given."""
+    if args.bw is not None:
+        return Link(0.0, args.bw)
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        str(REPO / "benchmarks" / "link_probe.py"),
+    ]
+    found = json.loads(
+        run_quietly(command, threads, args.timeout, "the link probe").splitlines()[-1]
+    )
+    return Link(found["latency_ms"], found["gbps"])
+
+
+def messages(pipeline: dict[str, Any]) -> dict[tuple[int, int], int]:
+    """Messages per microbatch on each directed link: a value to each stage that uses it, and
+    its gradient back where it carries one."""
+    specs, count = value_specs(pipeline), {}
+    for transfer in transfers(pipeline):
+        links = [(transfer.src, transfer.dst)]
+        if carries_gradient(specs[transfer.name]):
+            links.append((transfer.dst, transfer.src))
+        for link in links:
+            count[link] = count.get(link, 0) + 1
+    return count
+
+
+def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
     """The file's costs scaled to one microbatch of the run, the loss added to the last stage's
     backward, and each stage's step."""
     generated = load_generated(path)
     pipeline = generated.PIPELINE
-    costs = costs_from_pipeline(pipeline, args.bw, args.microbatches, args.batch_size)
+    tied = tied_parameter_bytes(generated)
+    costs = costs_from_pipeline(pipeline, link.gbps, args.microbatches, args.batch_size, tied)
+    sent = messages(pipeline)
+    comm = {pair: ms + link.latency_ms * sent[pair] for pair, ms in costs.comm_ms.items()}
     loss = loss_ms(pipeline, args.batch_size // args.microbatches)
     backward = [*costs.backward_ms[:-1], costs.backward_ms[-1] + loss]
     steps = [step_ms(generated, index) for index in range(len(pipeline["stages"]))]
-    return StageCosts(costs.forward_ms, backward, steps, costs.comm_ms, loss)
+    return StageCosts(costs.forward_ms, backward, steps, comm, loss, costs.tied_ms)
 
 
 def run_schedule(name: str, n_stages: int, m: int, batches: int) -> Schedule:
@@ -218,6 +263,7 @@ def predict(path: Path, costs: StageCosts, name: str, args: argparse.Namespace) 
         costs.comm_ms,
         costs.step_ms,
         tied_stages=tied_stage_groups(pipeline),
+        tied_ms=costs.tied_ms,
     )
 
 
@@ -298,7 +344,9 @@ def check_args(args: argparse.Namespace) -> None:
         family_of(model)
 
 
-def benchmark_model(model: str, args: argparse.Namespace, threads: int, scratch: Path) -> list[Row]:
+def benchmark_model(
+    model: str, args: argparse.Namespace, threads: int, scratch: Path, link: Link
+) -> list[Row]:
     """Generate and profile ``model``, then predict and measure every schedule."""
     paths = {False: generate(model, args, threads, scratch)}
     schedules = list(args.schedules)
@@ -309,15 +357,17 @@ def benchmark_model(model: str, args: argparse.Namespace, threads: int, scratch:
             print(f"{model}: no wpipe row, it ties weights across stages, which wpipe cannot run")
             schedules.remove("wpipe")
             del paths[True]
-    every_costs = {wpipe: stage_costs(path, args) for wpipe, path in paths.items()}
+    every_costs = {wpipe: stage_costs(path, args, link) for wpipe, path in paths.items()}
     for wpipe, costs in every_costs.items():
         shown = ", ".join(
             f"stage {s}: F {f:.2f} B {b:.2f} S {st:.2f}"
             for s, (f, b, st) in enumerate(zip(costs.forward_ms, costs.backward_ms, costs.step_ms))
         )
         which = " (wpipe's file)" if wpipe else ""
+        tied = "".join(f"; tied all-reduce {ms:.2f} per step" for ms in costs.tied_ms)
         print(
             f"{model}{which}: per microbatch (ms) {shown}; loss {costs.loss_ms:.2f} in the last B"
+            + tied
         )
     rows = []
     for name in schedules:
@@ -385,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile at batch / m and use the costs as measured (default), or at the batch "
         "and divide by m",
     )
-    parser.add_argument("--bw", type=float, default=None, help="link GB/s (default the file's)")
+    parser.add_argument(
+        "--bw", type=float, default=None, help="link GB/s (default: gloo's here, probed)"
+    )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS (default cores // stages)")
     parser.add_argument("--trace_dir", help="write predicted and measured traces side by side")
     parser.add_argument("--trace_schedule", choices=SCHEDULE_NAMES, default="1f1b")
@@ -408,11 +460,18 @@ def main() -> None:
             f"the {args.profile_at}; {args.steps} batches trained, the first {args.warmup} left out",
             flush=True,
         )
+        link = probe_link(args, threads)
+        print(
+            f"links: {link.latency_ms:.3f} ms per message and "
+            + (f"{link.gbps:.2f} GB/s" if link.gbps else "the file's GB/s")
+            + (" (--bw)" if args.bw is not None else " (gloo between two processes, probed)"),
+            flush=True,
+        )
         print(HEADER)
         rows = []
         with tempfile.TemporaryDirectory(prefix=f"{PROG}_") as scratch:
             for model in args.models:
-                rows += benchmark_model(model, args, threads, Path(scratch))
+                rows += benchmark_model(model, args, threads, Path(scratch), link)
     except BenchmarkError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
