@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "AUTOPIPE_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/autopipe/profiles")
-_CACHE_FORMAT = 2  # 2: backward times less the cost of an empty autograd call
+_CACHE_FORMAT = 2  # 2: backwards into fresh .grad, less the fixed cost of starting one
 _COSTLESS_OPS = frozenset({"placeholder", "get_attr", "output"})
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _CACHED_REPEATS = 5  # what ``profile`` measures with: profile_measured's default
@@ -659,7 +659,8 @@ def profile_measured(
     backward is the backward of its outputs (random output grads) into fresh ``.grad`` of its
     inputs that need a grad and its module's parameters, less the fixed cost of starting a
     backward (a stage pays it once, not per node: about 0.08 ms on a CPU, on a small model as
-    much as the work). With ``recomputation`` the backward also pays the forward again. On CUDA, ``peak_bytes`` is the peak memory a node adds.
+    much as the work). With ``recomputation`` the backward also pays the forward again. On
+    CUDA, ``peak_bytes`` is the peak memory a node adds.
 
     The model runs on private copies of its parameters and buffers, so its state (BatchNorm
     running statistics included) and its ``.grad`` stay as they were, and so does the random

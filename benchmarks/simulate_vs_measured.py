@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ import torch
 
 from launch import BenchmarkError, run_measured
 from autopipe.tasks import FAMILIES
-from runtime.comm import carries_gradient, transfers, value_specs
+from runtime.comm import value_specs
 from runtime.schedule import (
     ASYNC_SCHEDULES,
     BACKWARD,
@@ -67,6 +68,7 @@ from runtime.simulate import (
     Timeline,
     chrome_trace,
     costs_from_pipeline,
+    link_messages,
     simulate_costs,
     tied_parameter_bytes,
     tied_stage_groups,
@@ -212,19 +214,6 @@ def probe_link(args: argparse.Namespace, threads: int) -> Link:
     return Link(found["latency_ms"], found["gbps"])
 
 
-def messages(pipeline: dict[str, Any]) -> dict[tuple[int, int], int]:
-    """Messages per microbatch on each directed link: a value to each stage that uses it, and
-    its gradient back where it carries one."""
-    specs, count = value_specs(pipeline), {}
-    for transfer in transfers(pipeline):
-        links = [(transfer.src, transfer.dst)]
-        if carries_gradient(specs[transfer.name]):
-            links.append((transfer.dst, transfer.src))
-        for link in links:
-            count[link] = count.get(link, 0) + 1
-    return count
-
-
 def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
     """The file's costs scaled to one microbatch of the run, the loss added to the last stage's
     backward, and each stage's step."""
@@ -232,7 +221,7 @@ def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
     pipeline = generated.PIPELINE
     tied = tied_parameter_bytes(generated)
     costs = costs_from_pipeline(pipeline, link.gbps, args.microbatches, args.batch_size, tied)
-    sent = messages(pipeline)
+    sent = Counter(pair for pair, _ in link_messages(pipeline))
     comm = {pair: ms + link.latency_ms * sent[pair] for pair, ms in costs.comm_ms.items()}
     loss = loss_ms(pipeline, args.batch_size // args.microbatches)
     backward = [*costs.backward_ms[:-1], costs.backward_ms[-1] + loss]

@@ -458,19 +458,25 @@ def _stage_costs(pipeline: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return found
 
 
-def _link_bytes(pipeline: Mapping[str, Any], share: float) -> dict[tuple[int, int], float]:
-    """Bytes per microbatch on each directed link, as the runtime sends them: every value to
-    every stage that uses it, and a gradient back for each one that carries one."""
+def link_messages(pipeline: Mapping[str, Any]) -> list[tuple[tuple[int, int], Mapping[str, Any]]]:
+    """Each message of one microbatch as the runtime sends it, with its directed link and the
+    spec of its value: every value to every stage that uses it, and a gradient back for each
+    one that carries one."""
     specs = value_specs(pipeline)
-    links: dict[tuple[int, int], float] = {}
+    found = []
     for transfer in transfers(pipeline):
         spec = specs[transfer.name]
-        nbytes = _value_bytes(spec, share)
-        forward = (transfer.src, transfer.dst)
-        links[forward] = links.get(forward, 0.0) + nbytes
+        found.append(((transfer.src, transfer.dst), spec))
         if carries_gradient(spec):
-            back = (transfer.dst, transfer.src)
-            links[back] = links.get(back, 0.0) + nbytes
+            found.append(((transfer.dst, transfer.src), spec))
+    return found
+
+
+def _link_bytes(pipeline: Mapping[str, Any], share: float) -> dict[tuple[int, int], float]:
+    """Bytes per microbatch on each directed link (``link_messages``)."""
+    links: dict[tuple[int, int], float] = {}
+    for link, spec in link_messages(pipeline):
+        links[link] = links.get(link, 0.0) + _value_bytes(spec, share)
     return links
 
 
