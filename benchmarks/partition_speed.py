@@ -29,14 +29,14 @@ from autopipe.errors import UserError
 from autopipe.partitioning import METHODS, PartitionOptions, Plan
 
 
-def best_seconds(run, repeats: int) -> float:
-    """The shortest of ``repeats`` timed calls of ``run``."""
+def best_seconds(run, repeats: int) -> tuple[float, object]:
+    """The shortest of ``repeats`` timed calls of ``run``, and what the last returned."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        answer = run()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times), answer
 
 
 def over(coarse, answer, n_stages: int, options: PartitionOptions) -> str:
@@ -63,8 +63,8 @@ def main() -> None:
         for label, options in (("free", PartitionOptions()), ("limited", limited)):
             try:
                 run = functools.partial(method, coarse, args.stages, options)
-                seconds = best_seconds(run, args.repeats)
-                row.append(f"{label} {seconds:.2f} s{over(coarse, run(), args.stages, options)}")
+                seconds, answer = best_seconds(run, args.repeats)
+                row.append(f"{label} {seconds:.2f} s{over(coarse, answer, args.stages, options)}")
             except UserError as error:
                 row.append(f"{label}: {error}")
         print("  ".join(row), flush=True)
