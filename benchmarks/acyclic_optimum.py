@@ -96,11 +96,16 @@ def stage_times(coarse: nx.DiGraph, nodes: list, sets: np.ndarray, model: CostMo
 
 
 def optimum(
-    coarse: nx.DiGraph, nodes: list, sets: np.ndarray, n_stages: int, model: CostModel
+    coarse: nx.DiGraph,
+    nodes: list,
+    sets: np.ndarray,
+    times: np.ndarray,
+    n_stages: int,
+    model: CostModel,
 ) -> float:
     """The best slowest stage over all acyclic splits into ``n_stages`` non-empty stages, from
-    the graph's down-sets ``sets``, checked against ``stage_costs`` on the split reaching it."""
-    times = stage_times(coarse, nodes, sets, model)
+    the graph's down-sets ``sets`` and their ``stage_times``, checked against ``stage_costs``
+    on the split reaching it."""
     best = np.full(len(sets), np.inf)
     best[0] = 0.0  # the empty down-set
     choices = []
@@ -147,9 +152,10 @@ def main() -> None:
             continue
         for bandwidth in args.bw:
             model = CostModel(bandwidth=bandwidth)
+            times = stage_times(coarse, nodes, sets, model)
             for p in args.stages:
                 bound = lower_bound_ms(coarse, p)
-                best = optimum(coarse, nodes, sets, p, model)
+                best = optimum(coarse, nodes, sets, times, p, model)
                 ratios = []
                 for method in args.methods:
                     result = partition(
