@@ -17,6 +17,13 @@ next. Sends are asynchronous and kept until
 not complete until its receive is posted, a pending send therefore holds up only later sends on
 its own channel, never a receive or another channel, and a schedule that is deadlock-free when
 sends never block (what :meth:`runtime.schedule.Schedule.validate` checks) runs without deadlock.
+
+Receives may be posted ahead (:meth:`StageComm.post_receives`), while the rank still computes
+the action before the one that needs them: a transfer moves only once both of its ends are
+posted (gloo's, like NCCL's, waits for the receive), so a receive posted late costs a round trip
+between the processes on top of the data, and one posted ahead lets the data arrive during that
+computation. Posting never blocks, and both ends still post a channel's messages in schedule
+order, so the FIFO pairing and the deadlock argument above are unchanged.
 """
 
 from __future__ import annotations
@@ -141,14 +148,8 @@ class StageComm:
         self.channels = channels
         # posted sends, each with its tensor, kept alive until they complete
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
-
-    def _wait_receives(self, receives: list[tuple[torch.Tensor, int, Any, int]]) -> None:
-        """Post every (buffer, src, group, tag) receive, then wait for all of them."""
-        works = [
-            dist.irecv(buffer, src, group=group, tag=tag) for buffer, src, group, tag in receives
-        ]
-        for work in works:
-            work.wait()
+        # receives posted ahead, by kind and microbatch: (transfer, buffer, work)
+        self._posted: dict[tuple[str, int], list[tuple[Transfer, torch.Tensor, Any]]] = {}
 
     def _post_sends(self, sends: list[tuple[torch.Tensor, int, Any, int]]) -> None:
         """Post every (tensor, dst, group, tag) send without waiting."""
@@ -179,19 +180,51 @@ class StageComm:
                 "on the same rank made it: the schedule runs them out of order"
             ) from None
 
+    def post_receives(self, kind: str, microbatch: int, batch: int) -> None:
+        """Post now the receives from other ranks of ``microbatch`` (``batch`` samples): its
+        values (``FORWARD_CHANNEL``) or its outputs' gradients (``BACKWARD_CHANNEL``). The
+        receive of that kind waits for them; posting twice posts once."""
+        key = (kind, microbatch)
+        if key in self._posted:
+            return
+        receives = []
+        if kind == FORWARD_CHANNEL:
+            for t in self.incoming:
+                src = self._peer(t.src, microbatch)
+                if src != self.rank:
+                    channel = self.channels[(src, self.rank, FORWARD_CHANNEL, t.src, t.dst)]
+                    receives.append((t, src, channel))
+        else:
+            for t in self.outgoing:
+                dst = self._peer(t.dst, microbatch)
+                if carries_gradient(self.specs[t.name]) and dst != self.rank:
+                    channel = self.channels[(self.rank, dst, BACKWARD_CHANNEL, t.src, t.dst)]
+                    receives.append((t, dst, channel))
+        posted = []
+        for t, peer, channel in receives:
+            # a gradient has the shape of the value it came from, which its sender received
+            # into a buffer of this shape
+            buffer = buffer_for(self.specs[t.name], batch, self.device)
+            posted.append((t, buffer, dist.irecv(buffer, peer, group=channel, tag=t.tag)))
+        self._posted[key] = posted
+
+    def _received(self, kind: str, microbatch: int, batch: int) -> dict[int, torch.Tensor]:
+        """The remote receives of ``microbatch`` of this kind, by transfer tag, once they are in."""
+        self.post_receives(kind, microbatch, batch)
+        posted = self._posted.pop((kind, microbatch))
+        for _, _, work in posted:
+            work.wait()
+        return {t.tag: buffer for t, buffer, _ in posted}
+
     def receive_values(self, microbatch: int, batch: int) -> dict[str, torch.Tensor]:
         """This stage's inputs from other stages for ``microbatch``, of ``batch`` samples."""
+        remote = self._received(FORWARD_CHANNEL, microbatch, batch)
         received: dict[str, torch.Tensor] = {}
-        receives = []
         for t in self.incoming:
-            src = self._peer(t.src, microbatch)
-            if src == self.rank:
+            if t.tag in remote:
+                received[t.name] = remote[t.tag]
+            else:
                 received[t.name] = self._take(FORWARD_CHANNEL, t, microbatch)
-                continue
-            received[t.name] = buffer_for(self.specs[t.name], batch, self.device)
-            channel = self.channels[(src, self.rank, FORWARD_CHANNEL, t.src, t.dst)]
-            receives.append((received[t.name], src, channel, t.tag))
-        self._wait_receives(receives)
         return received
 
     def send_values(self, microbatch: int, values: Mapping[str, torch.Tensor]) -> None:
@@ -208,25 +241,20 @@ class StageComm:
         self._post_sends(sends)
 
     def receive_gradients(
-        self, microbatch: int, outputs: Mapping[str, torch.Tensor]
+        self, microbatch: int, batch: int, outputs: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Gradients of this stage's outputs, summed over the stages that consume them."""
-        receives = []
-        parts: list[tuple[str, torch.Tensor]] = []
-        for t in self.outgoing:
-            if t.name in outputs and carries_gradient(self.specs[t.name]):
-                dst = self._peer(t.dst, microbatch)
-                if dst == self.rank:
-                    parts.append((t.name, self._take(BACKWARD_CHANNEL, t, microbatch)))
-                    continue
-                buffer = torch.empty_like(outputs[t.name], memory_format=torch.contiguous_format)
-                parts.append((t.name, buffer))
-                channel = self.channels[(self.rank, dst, BACKWARD_CHANNEL, t.src, t.dst)]
-                receives.append((buffer, dst, channel, t.tag))
-        self._wait_receives(receives)
+        """Gradients of this stage's ``outputs`` for ``microbatch`` (``batch`` samples), summed
+        over the stages that consume them."""
+        remote = self._received(BACKWARD_CHANNEL, microbatch, batch)
         grads: dict[str, torch.Tensor] = {}
-        for name, grad in parts:
-            grads[name] = grads[name] + grad if name in grads else grad
+        for t in self.outgoing:
+            if t.name not in outputs or not carries_gradient(self.specs[t.name]):
+                continue
+            if self._peer(t.dst, microbatch) == self.rank:
+                grad = self._take(BACKWARD_CHANNEL, t, microbatch)
+            else:
+                grad = remote[t.tag]
+            grads[t.name] = grads[t.name] + grad if t.name in grads else grad
         return grads
 
     def send_gradients(self, microbatch: int, inputs: Mapping[str, torch.Tensor]) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from runtime.comm import StageComm
+from runtime.comm import BACKWARD_CHANNEL, FORWARD_CHANNEL, StageComm
 from runtime.layout import Layout
 from runtime.replicas import StageReplica
 from runtime.schedule import BACKWARD, FORWARD, STEP, Action, last_backwards
@@ -90,8 +90,10 @@ class TiedGroup:
 
 
 def microbatch_sizes(batch: int, n_microbatches: int) -> list[int]:
-    """The sizes ``torch.tensor_split`` gives a batch of ``batch`` cut into ``n_microbatches``."""
-    return [len(part) for part in torch.arange(batch).tensor_split(n_microbatches)]
+    """The sizes ``torch.tensor_split`` gives a batch of ``batch`` cut into ``n_microbatches``:
+    the first ``batch % n_microbatches`` one sample larger than the rest."""
+    base, larger = divmod(batch, n_microbatches)
+    return [base + 1] * larger + [base] * (n_microbatches - larger)
 
 
 def split_microbatches(
@@ -247,6 +249,18 @@ class Executor:
             name = f"{action.stage}:{action}" if self.comm.layout.shared else str(action)
             trace.append(TraceRecord(self.rank, name, action.kind, started, self._clock()))
 
+    def post_receives(self, action: Action, feed: Feed) -> None:
+        """Post ahead the receives ``action`` (a later one of this stage) will wait for."""
+        if action.kind == FORWARD:
+            kind = FORWARD_CHANNEL
+        elif action.kind == BACKWARD and not self.is_last:
+            kind = BACKWARD_CHANNEL
+        else:
+            return
+        self.comm.post_receives(
+            kind, action.microbatch, feed.size_of(feed.first + action.microbatch)
+        )
+
     def _prepare_versions(self, actions: Sequence[Action]) -> list[frozenset[int]]:
         """For actions that name weight versions, a new store of versions and, per step, the
         versions it keeps; no store for a synchronous list, which computes with the current
@@ -327,7 +341,7 @@ class Executor:
                 loss_value = loss.item()
                 roots, grads = [loss * feed.weight_of(k)], [None]
             else:
-                received = self.comm.receive_gradients(i, outputs)
+                received = self.comm.receive_gradients(i, feed.size_of(k), outputs)
                 pairs = [(outputs[n], g) for n, g in received.items() if outputs[n].requires_grad]
                 roots, grads = [t for t, _ in pairs], [g for _, g in pairs]
             with self._reducing(reduce, roots):
@@ -369,11 +383,18 @@ def run_stages(
     On the last stage ``on_loss`` hears each microbatch's loss after its backward; ``on_step``
     maps a stage to what runs after each of its optimizer steps (an LR scheduler's step). With
     ``trace``, each action's start and end (``perf_counter`` seconds, waiting for the GPU where
-    there is one) are appended to it. Returns once every send has completed.
+    there is one) are appended to it. Before each action the receives of the next are posted,
+    so that their data can arrive while this one computes. Returns once every send has
+    completed.
     """
     for stage, executor in executors.items():
         executor.begin([action for action in actions if action.stage == stage])
-    for action in actions:
+    # receives are posted in action order, as the channels' FIFO pairing needs
+    for ahead in actions[:1]:
+        executors[ahead.stage].post_receives(ahead, feed)
+    for position, action in enumerate(actions):
+        for ahead in actions[position + 1 : position + 2]:
+            executors[ahead.stage].post_receives(ahead, feed)
         step = (on_step or {}).get(action.stage)
         executors[action.stage].execute(action, feed, trace, on_loss, step)
     for executor in executors.values():

@@ -215,8 +215,15 @@ def test_a_value_goes_straight_to_every_consumer_in_pipeline_order() -> None:
     ]
 
 
-def test_receive_buffers_take_the_microbatch_size() -> None:
+def test_microbatch_sizes_are_those_of_tensor_split() -> None:
     assert microbatch_sizes(6, 4) == [2, 2, 1, 1]
+    for batch in range(1, 40):
+        for m in range(1, batch + 1):
+            expected = [len(part) for part in torch.arange(batch).tensor_split(m)]
+            assert microbatch_sizes(batch, m) == expected, (batch, m)
+
+
+def test_receive_buffers_take_the_microbatch_size() -> None:
     spec = {**_spec(0, [1], [8, 5, 3]), "batch_dim": 1}
     assert buffer_for(spec, 2, torch.device("cpu")).shape == (8, 2, 3)
 
@@ -238,7 +245,7 @@ def _exchange(rank: int, port: int, separate: bool, results: Any) -> None:
         if rank == 0:
             value = torch.arange(12.0).reshape(4, 3).requires_grad_()
             comm.send_values(0, {"h": value})
-            grads = comm.receive_gradients(0, {"h": value})
+            grads = comm.receive_gradients(0, 4, {"h": value})
             results.put(grads["h"].tolist())
         else:
             received = comm.receive_values(0, 4)["h"].requires_grad_()
