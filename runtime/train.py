@@ -846,7 +846,8 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
     # how the run's schedules step (microbatches_per_step), whatever their number of steps
     schedule = schedule_of(1)
     if rank == 0:
-        print(f"data {data.description}; {total} steps", flush=True)
+        backend = dist.get_backend()
+        print(f"data {data.description}; {total} steps; {backend}, rank 0 on {device}", flush=True)
     run_data = RunData(data, device, m)
     last = executors.get(layout.n_stages - 1)
     feed = Feed(
