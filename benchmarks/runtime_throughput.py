@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -64,6 +66,7 @@ from runtime.stage import DEVICES, RuntimeConfigError, backend_for, load_generat
 from runtime.train import LOSSES, OPTIMIZERS, TrainConfig
 
 PROG = "runtime_throughput"
+LABELS = ("single process", "autopipe runtime", "torch pipelining")
 LOSS = "cross_entropy"
 
 
@@ -286,16 +289,17 @@ def commands(args: argparse.Namespace, n_stages: int) -> dict[str, list[str]]:
     device = [] if args.device == "auto" else ["--device", args.device]
     ours = ["-m", "runtime", *shared_flags(args), "--optimizer", "sgd", "--loss", LOSS, *device]
     theirs = [*worker, *shared_flags(args), "--device", args.device]
+    single, mine, torchs = LABELS
     return {
-        "single process": [sys.executable, *theirs, "--worker", "single"],
-        "autopipe runtime": [*torchrun(n_stages), *ours],
-        "torch pipelining": [*torchrun(n_stages), *theirs, "--worker", "pipelining"],
+        single: [sys.executable, *theirs, "--worker", "single"],
+        mine: [*torchrun(n_stages), *ours],
+        torchs: [*torchrun(n_stages), *theirs, "--worker", "pipelining"],
     }
 
 
 def check_args(args: argparse.Namespace, n_stages: int) -> None:
     """Reject flags that cannot make all three runs, before starting any."""
-    for flag in ("microbatches", "batch_size", "steps"):
+    for flag in ("microbatches", "batch_size", "steps", "repeats"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.warmup >= args.steps:
@@ -351,26 +355,52 @@ def benchmark(args: argparse.Namespace) -> None:
         "pipeline processes and in the single process",
         flush=True,
     )
-    rows = []
+    rounds: list[dict[str, Figures]] = []
     with tempfile.TemporaryDirectory(prefix=f"{PROG}_") as scratch:
         args.init_checkpoint = str(Path(scratch) / "initial_weights.pt")
         write_initial_weights(generated, args.seed, Path(args.init_checkpoint))
-        for label, command in commands(args, n_stages).items():
-            done = run_measured(label, command, threads, args.timeout)
-            rows.append(figures(label, done.stdout, args.batch_size, args.warmup))
+        for round_index in range(args.repeats):
+            runs = list(commands(args, n_stages).items())
+            if round_index % 2:
+                # the two pipelines take turns going first, so neither always meets the
+                # machine the other left behind
+                runs[1], runs[2] = runs[2], runs[1]
+            measured = {}
+            for label, command in runs:
+                done = run_measured(label, command, threads, args.timeout)
+                measured[label] = figures(label, done.stdout, args.batch_size, args.warmup)
+            rounds.append(measured)
+    rows = [_median_figures([measured[label] for measured in rounds]) for label in LABELS]
     single, ours, theirs = rows
     print()
+    if len(rounds) > 1:
+        print(f"median over {len(rounds)} rounds of each run's samples/s:")
     print_table(rows, single, n_stages)
     ideal = m / (m + n_stages - 1)
     print(
         f"ideal: efficiency m/(m+p-1) = {ideal:.3f}, speedup p*m/(m+p-1) = {ideal * n_stages:.2f}"
     )
     print()
+    ratios = [r[LABELS[1]].samples_per_s / r[LABELS[2]].samples_per_s for r in rounds]
+    if len(rounds) > 1:
+        print(
+            "ours / torch.distributed.pipelining per round: "
+            + " ".join(f"{x:.2f}x" for x in ratios)
+        )
     print(
-        f"ours / torch.distributed.pipelining = {ours.samples_per_s / theirs.samples_per_s:.2f}x "
+        f"ours / torch.distributed.pipelining = {statistics.median(ratios):.2f}x "
         f"({ours.samples_per_s:.1f} vs {theirs.samples_per_s:.1f} samples/s; efficiency "
         f"{ours.samples_per_s / (n_stages * single.samples_per_s):.3f} vs "
         f"{theirs.samples_per_s / (n_stages * single.samples_per_s):.3f}, ideal {ideal:.3f})"
+    )
+
+
+def _median_figures(runs: Sequence[Figures]) -> Figures:
+    """One run's figures standing for several of the same command: the median of each rate."""
+    return replace(
+        runs[0],
+        samples_per_s=statistics.median(run.samples_per_s for run in runs),
+        median_samples_per_s=statistics.median(run.median_samples_per_s for run in runs),
     )
 
 
@@ -384,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3, help="steps left out (default 3)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of the three runs; figures are medians over rounds (default 1)",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=DEVICES, default="auto")
