@@ -32,8 +32,10 @@ from runtime.schedule import BACKWARD, FORWARD, STEP, Action, last_backwards
 from runtime.weights import VersionStore, forwards_to_record, versions_to_keep
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-LossHook = Callable[[int, float], None]
-"""Told, on the last stage, each microbatch's run index and its loss (not weighted)."""
+LossHook = Callable[[int, torch.Tensor], None]
+"""Told, on the last stage, each microbatch's run index and its loss (not weighted), a detached
+scalar tensor on the stage's device: reading it waits for that device, so a hook that reads
+only once per step keeps a GPU's queue full."""
 
 
 @dataclass
@@ -338,7 +340,7 @@ class Executor:
         with self._weights_for(action), self._outputs_for_backward(saved) as outputs:
             if self.is_last:
                 loss = self.loss_fn(outputs[self.spec["outputs"][0]], label)
-                loss_value = loss.item()
+                loss_value = loss.detach()
                 roots, grads = [loss * feed.weight_of(k)], [None]
             else:
                 received = self.comm.receive_gradients(i, feed.size_of(k), outputs)

@@ -552,7 +552,6 @@ class StepLosses:
         since: float,
         per_step: Callable[[int], int] | None = None,
         group: Any = None,
-        device: torch.device | None = None,
     ) -> None:
         self.reporter = reporter
         self.run_data = run_data
@@ -560,24 +559,24 @@ class StepLosses:
         self.since = since
         self.per_step = (lambda step: run_data.m) if per_step is None else per_step
         self.group = group
-        self.device = device
-        self._sums: dict[int, float] = {}
+        self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
 
-    def __call__(self, k: int, loss: float) -> None:
-        """Take microbatch k's loss; report its step if that was the step's last one, with the
-        learning rate the step's last update uses."""
+    def __call__(self, k: int, loss: torch.Tensor) -> None:
+        """Take microbatch k's loss (a scalar tensor, summed on its device and read once the
+        step is complete); report its step if that was the step's last one, with the learning
+        rate the step's last update uses."""
         step = k // self.run_data.m
-        self._sums[step] = self._sums.get(step, 0) + loss * self.run_data.share_of(k)
+        weighted = loss.double() * self.run_data.share_of(k)
+        self._sums[step] = self._sums[step] + weighted if step in self._sums else weighted
         self._counts[step] = self._counts.get(step, 0) + 1
         if self._counts[step] < self.per_step(step):
             return
         del self._counts[step]
-        total = self._sums.pop(step)
+        summed = self._sums.pop(step).reshape(1)
         if self.group is not None:
-            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
             dist.all_reduce(summed, group=self.group)
-            total = summed.item()
+        total = summed.item()
         if self.reporter is None:
             return
         now = time.perf_counter()
@@ -822,8 +821,7 @@ def _step_losses(
         first = (step - segments.of(step).start) * m
         return sum(k % replicas == role.replica for k in range(first, first + m))
 
-    group, device = executor.replica.group, executor.comm.device
-    return StepLosses(reporter, run_data, executor.optimizer, since, mine, group, device)
+    return StepLosses(reporter, run_data, executor.optimizer, since, mine, executor.replica.group)
 
 
 def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> None:
