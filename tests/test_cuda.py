@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import launch
+from test_runtime import SkipMLP
 from torch import nn
 
 import autopipe
-from autopipe.compiler import ProfileSettings
 from autopipe.cost import CostModel
 from autopipe.graph import build_graph, propagate_values
 from autopipe.partitioning import PartitionOptions
 from autopipe.profile import profile_measured
 from autopipe.tasks import zoo_task
 from autopipe.trace import trace
-from conftest import launch
 from runtime.stage import load_generated
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,23 +32,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 STEPS, LR = 3, 0.05
 
 
-class Net(nn.Module):
-    """A small MLP with a skip connection, so a stage passes a value past its neighbour."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(16, 32)
-        self.mid = nn.Linear(32, 32)
-        self.out = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.inp(x))
-        return self.out(torch.relu(self.mid(h)) + h)
-
-
 def _batch() -> tuple[tuple[torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return (torch.randn(8, 16, generator=generator),), torch.randint(0, 5, (8,), generator=generator)
+    return (torch.randn(8, 8, generator=generator),), torch.randint(0, 5, (8,), generator=generator)
 
 
 def test_measured_profile_times_cuda_nodes_and_their_memory() -> None:
@@ -71,7 +57,7 @@ def test_measured_profile_times_cuda_nodes_and_their_memory() -> None:
 
 def test_generated_stages_on_the_gpu_match_the_original(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = Net().cuda()
+    model = SkipMLP().cuda()
     (x,), labels = _batch()
     x, labels = x.cuda(), labels.cuda()
     path = tmp_path / "net_p2.py"
@@ -127,25 +113,27 @@ def _prepare(tmp_path: Path, model: nn.Module, n_stages: int, schedule: str) -> 
     return path
 
 
-def test_one_stage_pipeline_on_nccl_trains_like_the_original(tmp_path: Path) -> None:
+def _train_on_the_gpu(tmp_path: Path, n_stages: int, schedule: str, m: int):
+    """The original model, and the runtime's output and weights after training its file of
+    ``n_stages`` stages in one process on NCCL."""
     torch.manual_seed(0)
-    model = Net()
-    generated = _prepare(tmp_path, model, 1, "gpipe")
-    stdout, trained = _run(tmp_path, generated, "gpipe", 4)
+    model = SkipMLP()
+    generated = _prepare(tmp_path, model, n_stages, schedule)
+    stdout, trained = _run(tmp_path, generated, schedule, m)
     assert "nccl, rank 0 on cuda:0" in stdout, stdout
+    assert list(trained) == list(model.state_dict())
+    return model, stdout, trained
+
+
+def test_one_stage_pipeline_on_nccl_trains_like_the_original(tmp_path: Path) -> None:
+    model, _, trained = _train_on_the_gpu(tmp_path, 1, "gpipe", 4)
     expected = _train_original_on_cuda(model, *_batch())
-    assert list(trained) == list(expected)
     for key, value in expected.items():
         torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_wpipe_runs_two_stages_on_one_gpu(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = Net()
-    generated = _prepare(tmp_path, model, 2, "wpipe")
-    stdout, trained = _run(tmp_path, generated, "wpipe", 2)
-    assert "nccl, rank 0 on cuda:0" in stdout, stdout
+    model, stdout, trained = _train_on_the_gpu(tmp_path, 2, "wpipe", 2)
     losses = [float(line.split()[3]) for line in stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == STEPS and all(loss == loss for loss in losses), stdout
-    assert trained.keys() == model.state_dict().keys()
     assert any(not torch.equal(trained[k], v) for k, v in model.state_dict().items())
