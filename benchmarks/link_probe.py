@@ -2,11 +2,14 @@
 
 Rank 0 sends a tensor to rank 1, which sends it back, ``ROUNDS`` times per size; half the
 median round trip is one transfer. A line fit through the two sizes gives the fixed cost of a
-message and the bandwidth, which rank 0 prints as JSON:
+message and the bandwidth. Then, for a message already sent, how long rank 1 waits for it when
+it posts the receive only then (the transfer starts once both ends are posted) and when it
+posted the receive ahead, before the send. Rank 0 prints all of it as JSON:
 
-    {"latency_ms": 0.18, "gbps": 2.6}
+    {"latency_ms": 0.18, "gbps": 2.6, "late_receive_ms": 0.7, "early_receive_ms": 0.03}
 
-``simulate_vs_measured.py`` launches it to price transfers as this machine makes them.
+``simulate_vs_measured.py`` launches it to price transfers as this machine makes them; run it
+alone with ``torchrun --standalone --nproc_per_node 2 benchmarks/link_probe.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ SIZES = (64 * 1024, 4 * 1024 * 1024)
 """Bytes per message: one small enough to show the fixed cost, one large enough for bandwidth."""
 ROUNDS = 40
 WARMUP = 5
+RECEIVE_BYTES = 512 * 1024
+"""The message whose receive is posted late or ahead: a microbatch's activation, roughly."""
+SENT_AHEAD_S = 0.005
+"""How long before the receiver asks for the message its sender posted it."""
 
 
 def one_way_ms(nbytes: int, rank: int) -> float:
@@ -42,14 +49,40 @@ def one_way_ms(nbytes: int, rank: int) -> float:
     return statistics.median(times) / 2
 
 
+def receive_wait_ms(nbytes: int, rank: int, ahead: bool) -> float:
+    """Median time rank 1 spends in the receive of a message rank 0 posted ``SENT_AHEAD_S``
+    before: posting the receive and waiting (``ahead=False``), or only waiting for a receive
+    posted before the send (``ahead=True``)."""
+    buffer = torch.zeros(nbytes // 4)
+    times = []
+    for round_ in range(WARMUP + ROUNDS):
+        dist.barrier()
+        if rank == 0:
+            dist.isend(buffer, 1).wait()
+            continue
+        posted = dist.irecv(buffer, 0) if ahead else None
+        time.sleep(SENT_AHEAD_S)
+        start = time.perf_counter()
+        (posted or dist.irecv(buffer, 0)).wait()
+        if round_ >= WARMUP:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times) if times else 0.0
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     small, large = (one_way_ms(nbytes, rank) for nbytes in SIZES)
     per_byte_ms = max(large - small, 1e-9) / (SIZES[1] - SIZES[0])
     latency = max(small - per_byte_ms * SIZES[0], 0.0)
+    waits = [receive_wait_ms(RECEIVE_BYTES, rank, ahead) for ahead in (False, True)]
+    # rank 1 measured the waits; rank 0 prints
+    found = torch.tensor(waits, dtype=torch.float64)
+    dist.broadcast(found, src=1)
     if rank == 0:
-        print(json.dumps({"latency_ms": latency, "gbps": 1 / (per_byte_ms * 1e6)}), flush=True)
+        figures = {"latency_ms": latency, "gbps": 1 / (per_byte_ms * 1e6)}
+        figures.update(late_receive_ms=found[0].item(), early_receive_ms=found[1].item())
+        print(json.dumps(figures), flush=True)
     dist.destroy_process_group()
 
 
