@@ -388,7 +388,8 @@ def _build_executors(
     groups = tied_groups(pipeline, layout, rank, stages)
     synchronize_tied(groups)
     replicas = replica_groups(layout)
-    channels = make_channels(pipeline, layout, separate=backend_for(device) == "nccl")
+    nccl = backend_for(device) == "nccl"
+    channels = make_channels(pipeline, layout, separate=nccl)
     mailbox: dict = {}
     executors = {}
     for index, stage in stages.items():
@@ -403,7 +404,9 @@ def _build_executors(
         # schedule and learning rate run as every other stage's
         weights_of_stage = list(stage.parameters()) or [nn.Parameter(torch.zeros(0, device=device))]
         optimizer = OPTIMIZERS[config.optimizer](weights_of_stage, config)
-        comm = StageComm(pipeline, layout, rank, device, channels, index, mailbox)
+        comm = StageComm(
+            pipeline, layout, rank, device, channels, index, mailbox, post_ahead=not nccl
+        )
         executors[index] = Executor(
             pipeline,
             rank,
