@@ -80,8 +80,12 @@ def main() -> None:
     found = torch.tensor(waits, dtype=torch.float64)
     dist.broadcast(found, src=1)
     if rank == 0:
-        figures = {"latency_ms": latency, "gbps": 1 / (per_byte_ms * 1e6)}
-        figures.update(late_receive_ms=found[0].item(), early_receive_ms=found[1].item())
+        figures = {
+            "latency_ms": latency,
+            "gbps": 1 / (per_byte_ms * 1e6),
+            "late_receive_ms": found[0].item(),
+            "early_receive_ms": found[1].item(),
+        }
         print(json.dumps(figures), flush=True)
     dist.destroy_process_group()
 

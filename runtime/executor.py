@@ -385,18 +385,18 @@ def run_stages(
     On the last stage ``on_loss`` hears each microbatch's loss after its backward; ``on_step``
     maps a stage to what runs after each of its optimizer steps (an LR scheduler's step). With
     ``trace``, each action's start and end (``perf_counter`` seconds, waiting for the GPU where
-    there is one) are appended to it. Before each action the receives of the next are posted,
-    so that their data can arrive while this one computes. Returns once every send has
-    completed.
+    there is one) are appended to it. Before each action the receives of the next are posted
+    where the comm posts ahead (gloo), so that their data can arrive while this one computes.
+    Returns once every send has completed.
     """
     for stage, executor in executors.items():
         executor.begin([action for action in actions if action.stage == stage])
     # receives are posted in action order, as the channels' FIFO pairing needs
-    for ahead in actions[:1]:
-        executors[ahead.stage].post_receives(ahead, feed)
-    for position, action in enumerate(actions):
-        for ahead in actions[position + 1 : position + 2]:
-            executors[ahead.stage].post_receives(ahead, feed)
+    if actions:
+        executors[actions[0].stage].post_receives(actions[0], feed)
+    for action, following in zip(actions, [*actions[1:], None]):
+        if following is not None:
+            executors[following.stage].post_receives(following, feed)
         step = (on_step or {}).get(action.stage)
         executors[action.stage].execute(action, feed, trace, on_loss, step)
     for executor in executors.values():
