@@ -38,17 +38,13 @@ from torch import nn
 
 from runtime.comm import value_specs
 from runtime.data import DataSource
+from runtime.layout import make_layout
 from runtime.stage import load_generated
 from runtime.train import TrainConfig
 
 REPEATS = 20
 WARMUP = 3
 TOGETHER_S = 1.0
-
-
-def stage_device(pipeline: dict[str, Any], stage: int) -> int:
-    """The process a stage runs on: its ``device`` (WPipe's files), else its index."""
-    return pipeline["stages"][stage].get("device", stage)
 
 
 def stage_inputs(
@@ -112,7 +108,8 @@ def main() -> None:
     pipeline = generated.PIPELINE
     config = TrainConfig(model=args.model, batch_size=args.microbatch, microbatches=1, steps=1)
     model_inputs = DataSource(config, pipeline).inputs(0)
-    mine = [s for s in range(len(pipeline["stages"])) if stage_device(pipeline, s) == rank]
+    # the runtime's own placement: stage r, WPipe's two stages, or a replica of a stage
+    mine = [role.stage for role in make_layout(pipeline).roles(rank)]
     runs = {}
     for stage in mine:
         module = generated.build_stage(stage).train()
