@@ -33,7 +33,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from runtime.cli import OneLineParser, fail
+from runtime.cli import OneLineParser, error_line, fail
 from runtime.data import FORMS_HELP
 from runtime.schedule import SCHEDULE_NAMES
 from runtime.stage import DEVICES, RuntimeConfigError
@@ -190,19 +190,14 @@ def _report_crash(error: Exception) -> None:
     with its traceback."""
     if _lost_contact(error):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(
-            f"{PROG}: error: rank {_rank()} lost contact with the pipeline ({first_line}); "
+        error_line(
+            PROG,
+            f"rank {_rank()} lost contact with the pipeline ({first_line}); "
             "see the first rank that failed",
-            file=sys.stderr,
-            flush=True,
         )
         return
     traceback.print_exc()
-    print(
-        f"{PROG}: error: rank {_rank()} failed: {type(error).__name__}: {error}",
-        file=sys.stderr,
-        flush=True,
-    )
+    error_line(PROG, f"rank {_rank()} failed: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
 
+def error_line(prog: str, message: str) -> None:
+    """Print ``PROG: error: MESSAGE`` to stderr in one write.
+
+    The ranks of a run share one stderr. Under ``python -u`` (``PYTHONUNBUFFERED``), ``print``
+    writes the text and its newline apart, so two ranks failing at once could splice their
+    lines into one; a single write of a short line to a pipe or terminal is never split."""
+    line = f"{prog}: error: {message}\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream with no descriptor (captured)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        return
+    sys.stderr.flush()
+    os.write(fd, line.encode(errors="replace"))
+
+
 def fail(prog: str, message: str) -> NoReturn:
     """Print ``PROG: error: MESSAGE`` on one line and exit with status 2 (a user error)."""
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    error_line(prog, message)
     sys.exit(2)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import autopipe
 from autopipe.tasks import zoo_task
-from conftest import free_port, launch
+from conftest import REPO, free_port, launch
 from runtime.comm import StageComm, Transfer, buffer_for, make_channels, transfers
 from runtime.executor import microbatch_sizes
 from runtime.layout import Layout
@@ -172,6 +172,25 @@ def test_wrong_world_size_is_a_one_line_error(tmp_path: Path) -> None:
     assert len(set(errors)) == 1
     assert "2 stages" in errors[0] and "world size is 3" in errors[0]
     assert "runtime/train.py" not in result.stderr
+
+
+def test_error_lines_of_ranks_failing_at_once_stay_whole() -> None:
+    # Every rank of a run writes to one stderr, unbuffered under torchrun's environment
+    # (PYTHONUNBUFFERED): a line written in two pieces could be spliced with another rank's.
+    writer = (
+        "import sys; from runtime.cli import error_line\n"
+        "for i in range(2000): error_line('runtime', f'rank {sys.argv[1]} line {i} ' + 'x' * 300)"
+    )
+    shell = " & ".join(f'{sys.executable} -u -c "{writer}" {rank}' for rank in range(6))
+    result = subprocess.run(
+        f"{shell}; wait", shell=True, cwd=REPO, capture_output=True, text=True, check=True
+    )
+    lines = result.stderr.splitlines()
+    assert len(lines) == 6 * 2000
+    assert all(
+        line.startswith("runtime: error: rank ") and line.endswith("x" * 300) for line in lines
+    )
+    assert all(line.count("runtime: error:") == 1 for line in lines)
 
 
 @pytest.mark.parametrize(
