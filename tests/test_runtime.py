@@ -175,8 +175,8 @@ def test_wrong_world_size_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_error_lines_of_ranks_failing_at_once_stay_whole() -> None:
-    # Every rank of a run writes to one stderr, unbuffered under torchrun's environment
-    # (PYTHONUNBUFFERED): a line written in two pieces could be spliced with another rank's.
+    # Every rank of a run writes to one stderr, unbuffered where PYTHONUNBUFFERED is set (as in
+    # many containers): a line written in two pieces could be spliced with another rank's.
     writer = (
         "import sys; from runtime.cli import error_line\n"
         "for i in range(2000): error_line('runtime', f'rank {sys.argv[1]} line {i} ' + 'x' * 300)"
