@@ -189,12 +189,72 @@ def test_node_backward_times_leave_out_the_fixed_cost_of_a_backward_call(monkeyp
     traced, graph = _mlp()
     monkeypatch.setattr(profiling._Stopwatch, "__call__", lambda self, fn: (2.0, fn()))
     monkeypatch.setattr(profiling, "_empty_backward_ms", lambda *args: 0.5)
-    profiles = profile_measured(traced, graph, recomputation=False, progress=False)
+    profiles = profile_measured(traced, graph, recomputation=False, progress=False, whole=False)
     linear = next(name for name, data in graph.nodes(data=True) if data["op"] == "call_module")
     assert profiles[linear] == NodeProfile(2.0, 1.5, None)
     monkeypatch.setattr(profiling, "_empty_backward_ms", lambda *args: 3.0)
-    profiles = profile_measured(traced, graph, recomputation=False, progress=False)
+    profiles = profile_measured(traced, graph, recomputation=False, progress=False, whole=False)
     assert profiles[linear] == NodeProfile(2.0, 0.0, None)
+
+
+def test_node_times_are_scaled_to_add_up_to_the_whole_graph() -> None:
+    profiles = {
+        "x": NodeProfile(0.0, 0.0, None),
+        "a": NodeProfile(1.0, 3.0, 10),
+        "b": NodeProfile(3.0, 1.0, None),
+        "view": NodeProfile(0.5, 0.0, None),
+    }
+    scaled = profiling.scaled_to_whole(profiles, forward_ms=9.0, backward_ms=2.0)
+    assert scaled["x"] == NodeProfile(0.0, 0.0, None)
+    assert scaled["a"] == NodeProfile(2.0, 1.5, 10)
+    assert scaled["b"] == NodeProfile(6.0, 0.5, None)
+    assert scaled["view"] == NodeProfile(1.0, 0.0, None)
+    # nothing to scale: left alone
+    zero = {"x": NodeProfile(0.0, 0.0, None)}
+    assert profiling.scaled_to_whole(zero, 1.0, 1.0) == zero
+
+
+def test_measured_node_times_add_up_to_the_whole_graph_less_the_call(monkeypatch) -> None:
+    traced, graph = _mlp()
+    reads = iter(range(1, 100_000))  # every timed call reads a new figure
+    monkeypatch.setattr(profiling._Stopwatch, "__call__", lambda self, fn: (next(reads), fn()))
+    monkeypatch.setattr(profiling, "_empty_backward_ms", lambda *args: 0.5)
+    whole = {}
+    real = profiling._whole_graph_ms
+
+    def timing_whole(*args):
+        whole["ms"] = real(*args)
+        return whole["ms"]
+
+    monkeypatch.setattr(profiling, "_whole_graph_ms", timing_whole)
+    plain = profile_measured(traced, graph, recomputation=False, progress=False)
+    forward, backward = whole["ms"]
+    assert sum(p.forward_ms for p in plain.values()) == pytest.approx(forward)
+    assert sum(p.backward_ms for p in plain.values()) == pytest.approx(backward - 0.5)
+    assert all(p.backward_ms > 0 for n, p in plain.items() if graph.nodes[n]["op"] != "placeholder")
+    # recomputation adds each node's (scaled) forward to its backward
+    recomputed = profile_measured(traced, graph, recomputation=True, progress=False)
+    forward, backward = whole["ms"]
+    assert sum(p.forward_ms for p in recomputed.values()) == pytest.approx(forward)
+    assert sum(p.backward_ms for p in recomputed.values()) == pytest.approx(
+        backward - 0.5 + forward
+    )
+
+
+def test_the_whole_graph_is_not_timed_where_it_may_not_fit_or_in_save_memory_mode(
+    monkeypatch,
+) -> None:
+    traced, graph = _mlp()
+    monkeypatch.setattr(profiling, "_free_bytes", lambda device: 1)
+    found = profiling._whole_graph_ms(
+        traced.graph_module, graph, list(traced.inputs), profiling._Stopwatch(torch.device("cpu")),
+        torch.device("cpu"), 0,
+    )  # fmt: skip
+    assert found is None
+    monkeypatch.undo()
+    monkeypatch.setattr(profiling, "_whole_graph_ms", lambda *args: pytest.fail("timed whole"))
+    profile_measured(traced, graph, save_memory_mode=True, progress=False)
+    profile_measured(traced, graph, whole=False, progress=False)
 
 
 def test_measured_handles_inplace_tuples_and_sizes() -> None:
