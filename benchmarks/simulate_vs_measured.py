@@ -10,12 +10,17 @@ not recompute), then for each schedule:
   way as the profile, with the same threads: the loss (forward and backward), which the last
   stage computes in each backward, and each stage's optimizer step. Transfers are priced as
   gloo makes them between two processes here (``link_probe.py``: a fixed cost per message and
-  a bandwidth, also used for the all-reduce of weights tied across stages before each step),
-  or at ``--bw`` GB/s;
+  a bandwidth, also used for the all-reduce of weights tied across stages before each step,
+  2 (k - 1) messages for k stages), or at ``--bw`` GB/s. Posting a message takes the poster's
+  time too, and gloo writes a send's bytes out before ``isend`` returns: each stage's forward
+  and backward pay for posting their sends (a fixed cost and the bytes at the probed writing
+  rate) and receives, and the part of a transfer its sender spent writing comes off the link's
+  delay;
 - measured: ``torchrun --nproc_per_node P -m runtime --device cpu --trace`` (gloo) for
   ``--steps`` batches;
 - predicted with the stages timed together: the same, but each stage's forward and backward as
-  ``stage_times.py`` times them, whole, with all P processes computing at once. The profile is
+  ``stage_times.py`` times them, whole, with all P processes computing at once (plus posting
+  its messages). The profile is
   taken with the machine to itself; side by side the processes share its memory bandwidth,
   caches and cores, and this column shows how much of the error that accounts for.
 
@@ -59,7 +64,7 @@ import torch
 
 from launch import BenchmarkError, run_measured
 from autopipe.tasks import FAMILIES
-from runtime.comm import value_specs
+from runtime.comm import carries_gradient, transfers, value_specs
 from runtime.schedule import (
     ASYNC_SCHEDULES,
     BACKWARD,
@@ -73,10 +78,13 @@ from runtime.simulate import (
     chrome_trace,
     costs_from_pipeline,
     link_messages,
+    microbatch_share,
     simulate_costs,
     tied_parameter_bytes,
     tied_stage_groups,
+    value_bytes,
 )
+from runtime.layout import make_layout
 from runtime.stage import load_generated
 from runtime.train import LOSSES
 
@@ -199,15 +207,31 @@ class StageCosts:
     comm_ms: dict[tuple[int, int], float]
     loss_ms: float
     tied_ms: tuple[float, ...]
+    forward_posts_ms: list[float]
+    """The part of ``forward_ms`` that posting messages takes; the same for the backward."""
+    backward_posts_ms: list[float]
 
 
 @dataclass(frozen=True)
 class Link:
-    """How transfers between the processes are priced: a fixed cost per message and GB/s."""
+    """How transfers between the processes are priced: a fixed cost per message and GB/s, and
+    what posting one costs the process that posts it."""
 
     latency_ms: float
     gbps: float | None
     """None: the bandwidth the file records."""
+    send_ms: float = 0.0
+    """An ``isend``'s fixed cost to its caller, who also writes its bytes at ``send_gbps``."""
+    send_gbps: float | None = None
+    """None: sends cost their caller nothing."""
+    receive_ms: float = 0.0
+    """An ``irecv``'s cost to its caller."""
+
+    def send_cost_ms(self, nbytes: float) -> float:
+        """What an ``isend`` of ``nbytes`` costs its caller."""
+        if self.send_gbps is None:
+            return 0.0
+        return self.send_ms + nbytes / (self.send_gbps * 1e6)
 
 
 def probe_link(args: argparse.Namespace, threads: int) -> Link:
@@ -222,7 +246,38 @@ def probe_link(args: argparse.Namespace, threads: int) -> Link:
     found = json.loads(
         run_quietly(command, threads, args.timeout, "the link probe").splitlines()[-1]
     )
-    return Link(found["latency_ms"], found["gbps"])
+    return Link(
+        found["latency_ms"],
+        found["gbps"],
+        found["send_post_ms"],
+        found["send_gbps"],
+        found["receive_post_ms"],
+    )
+
+
+def posting_costs(
+    pipeline: dict[str, Any], share: float, link: Link
+) -> tuple[list[float], list[float], Counter[tuple[int, int]]]:
+    """Per stage, what posting its messages of one microbatch costs its forward (values) and
+    its backward (gradients); and per directed link, the sender's part of its transfers. A
+    transfer between two stages of one rank is no message."""
+    n_stages = len(pipeline["stages"])
+    layout = make_layout(pipeline)
+    specs = value_specs(pipeline)
+    forward, backward = [0.0] * n_stages, [0.0] * n_stages
+    written: Counter[tuple[int, int]] = Counter()
+    for t in transfers(pipeline):
+        if all(src == dst for src, dst in layout.rank_pairs(t.src, t.dst)):
+            continue
+        send = link.send_cost_ms(value_bytes(specs[t.name], share))
+        forward[t.src] += send
+        forward[t.dst] += link.receive_ms
+        written[(t.src, t.dst)] += send
+        if carries_gradient(specs[t.name]):
+            backward[t.dst] += send
+            backward[t.src] += link.receive_ms
+            written[(t.dst, t.src)] += send
+    return forward, backward, written
 
 
 def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
@@ -232,12 +287,23 @@ def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
     pipeline = generated.PIPELINE
     tied = tied_parameter_bytes(generated)
     costs = costs_from_pipeline(pipeline, link.gbps, args.microbatches, args.batch_size, tied)
+    share = microbatch_share(pipeline, args.microbatches, args.batch_size)
+    forward_posts, backward_posts, written = posting_costs(pipeline, share, link)
     sent = Counter(pair for pair, _ in link_messages(pipeline))
-    comm = {pair: ms + link.latency_ms * sent[pair] for pair, ms in costs.comm_ms.items()}
+    comm = {
+        pair: max(ms + link.latency_ms * sent[pair] - written[pair], 0.0)
+        for pair, ms in costs.comm_ms.items()
+    }
     loss = loss_ms(pipeline, args.batch_size // args.microbatches)
-    backward = [*costs.backward_ms[:-1], costs.backward_ms[-1] + loss]
+    forward = [ms + posts for ms, posts in zip(costs.forward_ms, forward_posts)]
+    backward = [ms + posts for ms, posts in zip(costs.backward_ms, backward_posts)]
+    backward[-1] += loss
     steps = [step_ms(generated, index) for index in range(len(pipeline["stages"]))]
-    return StageCosts(costs.forward_ms, backward, steps, comm, loss, costs.tied_ms)
+    tied_ms = tuple(
+        ms + 2 * (len(group) - 1) * link.latency_ms
+        for group, ms in zip(costs.tied_stages, costs.tied_ms)
+    )
+    return StageCosts(forward, backward, steps, comm, loss, tied_ms, forward_posts, backward_posts)
 
 
 def timed_together(
@@ -255,9 +321,10 @@ def timed_together(
         run_quietly(command, threads, args.timeout, "timing the stages").splitlines()[-1]
     )
     together = found["together"]
-    backward = list(together["backward_ms"])
+    forward = [ms + posts for ms, posts in zip(together["forward_ms"], costs.forward_posts_ms)]
+    backward = [ms + posts for ms, posts in zip(together["backward_ms"], costs.backward_posts_ms)]
     backward[-1] += costs.loss_ms
-    return replace(costs, forward_ms=list(together["forward_ms"]), backward_ms=backward), found
+    return replace(costs, forward_ms=forward, backward_ms=backward), found
 
 
 def run_schedule(name: str, n_stages: int, m: int, batches: int) -> Schedule:
@@ -507,7 +574,13 @@ def main() -> None:
         print(
             f"links: {link.latency_ms:.3f} ms per message and "
             + (f"{link.gbps:.2f} GB/s" if link.gbps else "the file's GB/s")
-            + (" (--bw)" if args.bw is not None else " (gloo between two processes, probed)"),
+            + (" (--bw)" if args.bw is not None else " (gloo between two processes, probed)")
+            + (
+                f"; posting costs its caller {link.send_ms:.3f} ms and the bytes at "
+                f"{link.send_gbps:.2f} GB/s a send, {link.receive_ms:.3f} ms a receive"
+                if link.send_gbps is not None
+                else ""
+            ),
             flush=True,
         )
         print(HEADER)

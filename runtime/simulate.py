@@ -410,7 +410,7 @@ class PipelineCosts:
     of the tied weights were not given)."""
 
 
-def _value_bytes(spec: Mapping[str, Any], share: float) -> float:
+def value_bytes(spec: Mapping[str, Any], share: float) -> float:
     """Bytes of one microbatch's value: ``share`` of the traced value (the whole value if it
     has no batch dim)."""
     numel = math.prod(spec["shape"])
@@ -476,7 +476,7 @@ def _link_bytes(pipeline: Mapping[str, Any], share: float) -> dict[tuple[int, in
     """Bytes per microbatch on each directed link (``link_messages``)."""
     links: dict[tuple[int, int], float] = {}
     for link, spec in link_messages(pipeline):
-        links[link] = links.get(link, 0.0) + _value_bytes(spec, share)
+        links[link] = links.get(link, 0.0) + value_bytes(spec, share)
     return links
 
 
@@ -532,7 +532,7 @@ def costs_from_pipeline(
         backward_ms=[c["backward_ms"] * share for c in costs],
         comm_ms={link: nbytes / (bandwidth * 1e6) for link, nbytes in links.items()},
         input_bytes=[
-            sum(_value_bytes(specs[name], share) for name in stage["inputs"])
+            sum(value_bytes(specs[name], share) for name in stage["inputs"])
             for stage in pipeline["stages"]
         ],
         bandwidth_gbps=bandwidth,
