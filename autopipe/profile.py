@@ -714,8 +714,8 @@ def scaled_to_whole(
     A node timed alone pays what the graph run whole does not (its own call, the stopwatch)
     and misses what the whole run pays (autograd scheduling every node, summing the gradients
     of a value used twice, data that has left the cache). On a CPU the node sums of the zoo's
-    small models are 6-18% over the whole forward and up to 20% under the whole backward; on a
-    GPU, timing a node alone also waits for each kernel launch. Scaling keeps the nodes'
+    tiny models came out 3-19% over the whole forward and within 6% of the whole backward; on
+    a GPU, timing a node alone also waits for each kernel launch. Scaling keeps the nodes'
     relative costs, which the partitioners balance, and makes the absolute ones, which weigh
     compute against transfers and predict the time per batch, those of the whole."""
     forward_sum = sum(p.forward_ms for p in profiles.values())
