@@ -22,11 +22,13 @@ Rank 0 prints JSON: per stage, the median forward and backward milliseconds of e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from contextlib import AbstractContextManager
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,20 +72,30 @@ def stage_inputs(
     return arguments
 
 
-def forward_and_backward(module: nn.Module, arguments: list[torch.Tensor]) -> tuple[float, float]:
-    """Milliseconds of one forward and of its backward, seeded with random output gradients
-    (drawn outside the timings: a last stage's logits take as long to fill as a layer)."""
+def forward_and_backward(
+    module: nn.Module,
+    arguments: list[torch.Tensor],
+    around_forward: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    around_backward: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    clear: bool = True,
+) -> tuple[float, float]:
+    """Milliseconds of one forward and of its backward, each inside a context of its own,
+    seeded with random output gradients (drawn outside the timings: a last stage's logits take
+    as long to fill as a layer); the gradients are cleared after, where ``clear``."""
     start = time.perf_counter()
-    outputs = module(*arguments)
+    with around_forward():
+        outputs = module(*arguments)
     forward_ms = (time.perf_counter() - start) * 1e3
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     roots = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
     grads = [torch.randn_like(o) for o in roots]
     start = time.perf_counter()
-    if roots:
-        torch.autograd.backward(roots, grads)
+    with around_backward():
+        if roots:
+            torch.autograd.backward(roots, grads)
     backward_ms = (time.perf_counter() - start) * 1e3
-    module.zero_grad(set_to_none=True)
+    if clear:
+        module.zero_grad(set_to_none=True)
     return forward_ms, backward_ms
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import torch
 from torch import nn
 
-from stage_times import stage_inputs
+from stage_times import forward_and_backward, stage_inputs
 from runtime.data import DataSource
 from runtime.stage import RuntimeConfigError, load_generated
 from runtime.train import TrainConfig
@@ -52,27 +52,20 @@ def one_microbatch(
     arguments: list[torch.Tensor],
     mode: str,
 ) -> tuple[float, float, float]:
-    """Milliseconds of one forward, its backward (random output gradients, drawn outside the
-    timing) and an SGD step with gradient clearing, run the way ``mode`` names."""
-    versioned = mode != "plain"
-
-    def using(record: bool) -> contextlib.AbstractContextManager[None]:
-        return store.use(store.current, record=record) if versioned else contextlib.nullcontext()
-
+    """Milliseconds of one forward, its backward (``forward_and_backward``) and an SGD step
+    with gradient clearing, run the way ``mode`` names."""
+    if mode == "plain":
+        forward_ms, backward_ms = forward_and_backward(module, arguments, clear=False)
+    else:
+        forward_ms, backward_ms = forward_and_backward(
+            module,
+            arguments,
+            lambda: store.use(store.current, record=mode == "recorded"),
+            lambda: store.use(store.current, record=False),
+            clear=False,
+        )
     start = time.perf_counter()
-    with using(record=mode == "recorded"):
-        outputs = module(*arguments)
-    forward_ms = (time.perf_counter() - start) * 1e3
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    roots = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
-    grads = [torch.randn_like(o) for o in roots]
-    start = time.perf_counter()
-    with using(record=False):
-        if roots:
-            torch.autograd.backward(roots, grads)
-    backward_ms = (time.perf_counter() - start) * 1e3
-    start = time.perf_counter()
-    keeping = store.step(keep={store.current}) if versioned else contextlib.nullcontext()
+    keeping = store.step(keep={store.current}) if mode != "plain" else contextlib.nullcontext()
     with keeping:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
