@@ -16,6 +16,11 @@ not recompute), then for each schedule:
   and backward pay for posting their sends (a fixed cost and the bytes at the probed writing
   rate) and receives, and the part of a transfer its sender spent writing comes off the link's
   delay;
+  An asynchronous schedule computes with weight versions, which cost time a synchronous one
+  does not spend: each stage's forward and backward pay for swapping a version in, its
+  recorded forwards' share (``forwards_to_record`` of the stage's actions) for recording saved
+  parameters, and its steps that keep a version for copying it, all timed on the stage in
+  this process as ``version_overhead.py`` times them;
 - measured: ``torchrun --nproc_per_node P -m runtime --device cpu --trace`` (gloo) for
   ``--steps`` batches;
 - predicted with the stages timed together: the same, but each stage's forward and backward as
@@ -68,6 +73,7 @@ from runtime.comm import carries_gradient, transfers, value_specs
 from runtime.schedule import (
     ASYNC_SCHEDULES,
     BACKWARD,
+    FORWARD,
     SCHEDULE_NAMES,
     Schedule,
     build_schedule,
@@ -84,15 +90,20 @@ from runtime.simulate import (
     tied_stage_groups,
     value_bytes,
 )
+from runtime.data import DataSource
 from runtime.layout import make_layout
 from runtime.stage import load_generated
-from runtime.train import LOSSES
+from runtime.train import LOSSES, TrainConfig
+from runtime.weights import forwards_to_record, versions_to_keep
+from stage_times import stage_inputs
+from version_overhead import time_stage
 
 PROG = "simulate_vs_measured"
 LOSS = "cross_entropy"
 LR = 0.01
 TARGET = 0.15
 TIMING_REPEATS = 20
+VERSION_ROUNDS = 20
 
 
 @dataclass(frozen=True)
@@ -327,6 +338,57 @@ def timed_together(
     return replace(costs, forward_ms=forward, backward_ms=backward), found
 
 
+@dataclass(frozen=True)
+class VersionCosts:
+    """Per stage, what weight versions add (ms) to a forward and a backward with a version
+    swapped in, to those whose forward records saved parameters, and to a step that keeps the
+    version it replaces (``version_overhead.py``'s modes less ``plain``)."""
+
+    swapped_forward: list[float]
+    swapped_backward: list[float]
+    recorded_forward: list[float]
+    recorded_backward: list[float]
+    keeping_step: list[float]
+
+
+def version_costs(path: Path, args: argparse.Namespace) -> VersionCosts:
+    """Each stage of ``path`` timed on one microbatch plain, swapped and recorded."""
+    generated = load_generated(path)
+    pipeline = generated.PIPELINE
+    microbatch = args.batch_size // args.microbatches
+    config = TrainConfig(model=str(path), batch_size=microbatch, microbatches=1, steps=1)
+    model_inputs = DataSource(config, pipeline).inputs(0)
+    rows = []
+    for stage in range(len(pipeline["stages"])):
+        arguments = stage_inputs(pipeline, stage, model_inputs, microbatch)
+        times = time_stage(generated, stage, arguments, VERSION_ROUNDS)
+        added = [
+            max(times[mode][index] - times["plain"][index], 0.0)
+            for mode, index in (("swapped", 0), ("swapped", 1), ("recorded", 0), ("recorded", 1))
+        ]
+        rows.append([*added, max(times["swapped"][2] - times["plain"][2], 0.0)])
+    return VersionCosts(*(list(column) for column in zip(*rows)))
+
+
+def with_versions(costs: StageCosts, versions: VersionCosts, schedule: Schedule) -> StageCosts:
+    """``costs`` with what ``schedule``'s weight versions add to each stage, on average over
+    its actions: every F and B swaps a version in, the share of its forwards that record pays
+    for recording in both, and the share of its steps that keep their version for the copy."""
+    forward, backward = list(costs.forward_ms), list(costs.backward_ms)
+    steps = list(costs.step_ms)
+    for stage in range(schedule.n_stages):
+        mine = [action for device in schedule.actions for action in device if action.stage == stage]
+        forwards = sum(action.kind == FORWARD for action in mine)
+        recorded = len(forwards_to_record(mine)) / forwards if forwards else 0.0
+        keeps = versions_to_keep(mine)
+        keeping = sum(k in keep for k, keep in enumerate(keeps)) / len(keeps) if keeps else 0.0
+        swapped_f, swapped_b = versions.swapped_forward[stage], versions.swapped_backward[stage]
+        forward[stage] += swapped_f + recorded * (versions.recorded_forward[stage] - swapped_f)
+        backward[stage] += swapped_b + recorded * (versions.recorded_backward[stage] - swapped_b)
+        steps[stage] += keeping * versions.keeping_step[stage]
+    return replace(costs, forward_ms=forward, backward_ms=backward, step_ms=steps)
+
+
 def run_schedule(name: str, n_stages: int, m: int, batches: int) -> Schedule:
     """``batches`` batches of ``name``: a synchronous schedule's lists repeated once per batch
     (as the runtime runs them), an asynchronous one built for the whole run."""
@@ -337,11 +399,20 @@ def run_schedule(name: str, n_stages: int, m: int, batches: int) -> Schedule:
     return Schedule(name, n_stages, m, actions)
 
 
-def predict(path: Path, costs: StageCosts, name: str, args: argparse.Namespace) -> Timeline:
-    """The simulated run of ``--sim_steps`` batches of schedule ``name``."""
+def predict(
+    path: Path,
+    costs: StageCosts,
+    name: str,
+    args: argparse.Namespace,
+    versions: VersionCosts | None = None,
+) -> Timeline:
+    """The simulated run of ``--sim_steps`` batches of schedule ``name``; an asynchronous one
+    with what its weight ``versions`` add."""
     pipeline = load_generated(path).PIPELINE
     n_stages = len(pipeline["stages"])
     schedule = run_schedule(name, n_stages, args.microbatches, args.sim_steps)
+    if versions is not None and name in ASYNC_SCHEDULES:
+        costs = with_versions(costs, versions, schedule)
     return simulate_costs(
         schedule,
         stage_dependencies(pipeline),
@@ -445,6 +516,10 @@ def benchmark_model(
             schedules.remove("wpipe")
             del paths[True]
     every_costs = {wpipe: stage_costs(path, args, link) for wpipe, path in paths.items()}
+    asynchronous = any(name in ASYNC_SCHEDULES for name in schedules)
+    every_versions = {
+        wpipe: version_costs(path, args) if asynchronous else None for wpipe, path in paths.items()
+    }
     together = {}
     for wpipe, costs in every_costs.items():
         together[wpipe], found = timed_together(paths[wpipe], costs, args, threads)
@@ -469,13 +544,29 @@ def benchmark_model(
             for mode in ("alone", "together")
         )
         print(f"{model}{which}: each stage timed whole (ms), {whole}")
+        versions = every_versions[wpipe]
+        if versions is not None:
+            shown = ", ".join(
+                f"stage {s}: F {sf:.2f}/{rf:.2f} B {sb:.2f}/{rb:.2f} S {ks:.2f}"
+                for s, (sf, rf, sb, rb, ks) in enumerate(
+                    zip(
+                        versions.swapped_forward,
+                        versions.recorded_forward,
+                        versions.swapped_backward,
+                        versions.recorded_backward,
+                        versions.keeping_step,
+                    )
+                )
+            )
+            print(f"{model}{which}: weight versions add (ms, swapped/recorded) {shown}")
     rows = []
     for name in schedules:
         path, costs = paths[name == "wpipe"], every_costs[name == "wpipe"]
-        timeline = predict(path, costs, name, args)
+        versions = every_versions[name == "wpipe"]
+        timeline = predict(path, costs, name, args, versions)
         trace = scratch / f"{model}_{name}.json"
         measured = measure(path, name, args, threads, trace)
-        side_by_side = predict(path, together[name == "wpipe"], name, args)
+        side_by_side = predict(path, together[name == "wpipe"], name, args, versions)
         row = Row(
             model,
             name,
