@@ -22,7 +22,9 @@ def error_line(prog: str, message: str) -> None:
         sys.stderr.flush()
         return
     sys.stderr.flush()
-    os.write(fd, line.encode(errors="replace"))
+    data = line.encode(errors="replace")
+    while data:  # one write unless the line is longer than the pipe takes at once
+        data = data[os.write(fd, data) :]
 
 
 def fail(prog: str, message: str) -> NoReturn:
