@@ -83,7 +83,6 @@ from runtime.simulate import (
     Timeline,
     chrome_trace,
     costs_from_pipeline,
-    link_messages,
     microbatch_share,
     simulate_costs,
     tied_parameter_bytes,
@@ -266,29 +265,39 @@ def probe_link(args: argparse.Namespace, threads: int) -> Link:
     )
 
 
-def posting_costs(
-    pipeline: dict[str, Any], share: float, link: Link
-) -> tuple[list[float], list[float], Counter[tuple[int, int]]]:
-    """Per stage, what posting its messages of one microbatch costs its forward (values) and
-    its backward (gradients); and per directed link, the sender's part of its transfers. A
-    transfer between two stages of one rank is no message."""
+@dataclass(frozen=True)
+class Posts:
+    """What the messages of one microbatch cost their posters: per stage, in its forward
+    (values) and its backward (gradients); per directed link, the sender's part of its
+    transfers and how many messages cross it."""
+
+    forward_ms: list[float]
+    backward_ms: list[float]
+    written_ms: Counter[tuple[int, int]]
+    messages: Counter[tuple[int, int]]
+
+
+def posting_costs(pipeline: dict[str, Any], share: float, link: Link) -> Posts:
+    """The posting costs of ``pipeline``'s messages. A transfer between two stages of one
+    rank is no message: it is handed over in memory."""
     n_stages = len(pipeline["stages"])
     layout = make_layout(pipeline)
     specs = value_specs(pipeline)
-    forward, backward = [0.0] * n_stages, [0.0] * n_stages
-    written: Counter[tuple[int, int]] = Counter()
+    posts = Posts([0.0] * n_stages, [0.0] * n_stages, Counter(), Counter())
     for t in transfers(pipeline):
         if all(src == dst for src, dst in layout.rank_pairs(t.src, t.dst)):
             continue
         send = link.send_cost_ms(value_bytes(specs[t.name], share))
-        forward[t.src] += send
-        forward[t.dst] += link.receive_ms
-        written[(t.src, t.dst)] += send
+        posts.forward_ms[t.src] += send
+        posts.forward_ms[t.dst] += link.receive_ms
+        posts.written_ms[(t.src, t.dst)] += send
+        posts.messages[(t.src, t.dst)] += 1
         if carries_gradient(specs[t.name]):
-            backward[t.dst] += send
-            backward[t.src] += link.receive_ms
-            written[(t.dst, t.src)] += send
-    return forward, backward, written
+            posts.backward_ms[t.dst] += send
+            posts.backward_ms[t.src] += link.receive_ms
+            posts.written_ms[(t.dst, t.src)] += send
+            posts.messages[(t.dst, t.src)] += 1
+    return posts
 
 
 def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
@@ -299,22 +308,25 @@ def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
     tied = tied_parameter_bytes(generated)
     costs = costs_from_pipeline(pipeline, link.gbps, args.microbatches, args.batch_size, tied)
     share = microbatch_share(pipeline, args.microbatches, args.batch_size)
-    forward_posts, backward_posts, written = posting_costs(pipeline, share, link)
-    sent = Counter(pair for pair, _ in link_messages(pipeline))
+    posts = posting_costs(pipeline, share, link)
+    # a link between two stages of one rank carries no message (wpipe's skips): no delay
     comm = {
-        pair: max(ms + link.latency_ms * sent[pair] - written[pair], 0.0)
+        pair: max(ms + link.latency_ms * posts.messages[pair] - posts.written_ms[pair], 0.0)
         for pair, ms in costs.comm_ms.items()
+        if posts.messages[pair]
     }
     loss = loss_ms(pipeline, args.batch_size // args.microbatches)
-    forward = [ms + posts for ms, posts in zip(costs.forward_ms, forward_posts)]
-    backward = [ms + posts for ms, posts in zip(costs.backward_ms, backward_posts)]
+    forward = [ms + posted for ms, posted in zip(costs.forward_ms, posts.forward_ms)]
+    backward = [ms + posted for ms, posted in zip(costs.backward_ms, posts.backward_ms)]
     backward[-1] += loss
     steps = [step_ms(generated, index) for index in range(len(pipeline["stages"]))]
     tied_ms = tuple(
         ms + 2 * (len(group) - 1) * link.latency_ms
         for group, ms in zip(costs.tied_stages, costs.tied_ms)
     )
-    return StageCosts(forward, backward, steps, comm, loss, tied_ms, forward_posts, backward_posts)
+    return StageCosts(
+        forward, backward, steps, comm, loss, tied_ms, posts.forward_ms, posts.backward_ms
+    )
 
 
 def timed_together(
