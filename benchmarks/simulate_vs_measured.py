@@ -89,12 +89,11 @@ from runtime.simulate import (
     tied_stage_groups,
     value_bytes,
 )
-from runtime.data import DataSource
 from runtime.layout import make_layout
 from runtime.stage import load_generated
-from runtime.train import LOSSES, TrainConfig
+from runtime.train import LOSSES
 from runtime.weights import forwards_to_record, versions_to_keep
-from stage_times import stage_inputs
+from stage_times import stage_inputs, synthetic_inputs
 from version_overhead import time_stage
 
 PROG = "simulate_vs_measured"
@@ -368,8 +367,7 @@ def version_costs(path: Path, args: argparse.Namespace) -> VersionCosts:
     generated = load_generated(path)
     pipeline = generated.PIPELINE
     microbatch = args.batch_size // args.microbatches
-    config = TrainConfig(model=str(path), batch_size=microbatch, microbatches=1, steps=1)
-    model_inputs = DataSource(config, pipeline).inputs(0)
+    model_inputs = synthetic_inputs(path, pipeline, microbatch)
     rows = []
     for stage in range(len(pipeline["stages"])):
         arguments = stage_inputs(pipeline, stage, model_inputs, microbatch)

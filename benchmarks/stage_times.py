@@ -49,6 +49,12 @@ WARMUP = 3
 TOGETHER_S = 1.0
 
 
+def synthetic_inputs(path: str | Path, pipeline: dict[str, Any], microbatch: int) -> dict:
+    """The model inputs of one microbatch as the runtime's synthetic data makes them."""
+    config = TrainConfig(model=str(path), batch_size=microbatch, microbatches=1, steps=1)
+    return DataSource(config, pipeline).inputs(0)
+
+
 def stage_inputs(
     pipeline: dict[str, Any], stage: int, model_inputs: dict[str, torch.Tensor], microbatch: int
 ) -> list[torch.Tensor]:
@@ -121,8 +127,7 @@ def main() -> None:
     torch.manual_seed(rank)
     generated = load_generated(args.model)
     pipeline = generated.PIPELINE
-    config = TrainConfig(model=args.model, batch_size=args.microbatch, microbatches=1, steps=1)
-    model_inputs = DataSource(config, pipeline).inputs(0)
+    model_inputs = synthetic_inputs(args.model, pipeline, args.microbatch)
     # the runtime's own placement: stage r, WPipe's two stages, or a replica of a stage
     mine = [role.stage for role in make_layout(pipeline).roles(rank)]
     runs = {}

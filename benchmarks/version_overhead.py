@@ -34,10 +34,8 @@ sys.path.insert(0, str(REPO))
 import torch
 from torch import nn
 
-from stage_times import forward_and_backward, stage_inputs
-from runtime.data import DataSource
+from stage_times import forward_and_backward, stage_inputs, synthetic_inputs
 from runtime.stage import RuntimeConfigError, load_generated
-from runtime.train import TrainConfig
 from runtime.weights import VersionStore
 
 PROG = "version_overhead"
@@ -102,8 +100,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         generated = load_generated(args.model)
         pipeline = generated.PIPELINE
-        config = TrainConfig(model=args.model, batch_size=args.microbatch, microbatches=1, steps=1)
-        model_inputs = DataSource(config, pipeline).inputs(0)
+        model_inputs = synthetic_inputs(args.model, pipeline, args.microbatch)
     except RuntimeConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
