@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log_json", help="append one JSON line per step to this file")
     parser.add_argument(
-        "--trace", help="write every action's measured times as a Chrome/Perfetto trace (JSON)"
+        "--trace",
+        help="write every action's measured times, and how long each waited for messages "
+        "(waited_ms), as a Chrome/Perfetto trace (JSON)",
     )
     _flag(parser, "--no_progress", "one line per step instead of a progress bar")
     parser.add_argument(

@@ -31,7 +31,9 @@ is posted when its action needs it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +157,17 @@ class StageComm:
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         # receives posted ahead, by kind and microbatch: (transfer, buffer, work)
         self._posted: dict[tuple[str, int], list[tuple[Transfer, torch.Tensor, Any]]] = {}
+        self.waited = 0.0
+        """Seconds spent so far blocked on messages (:meth:`waiting`): what a trace shows."""
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Count the time inside as waiting for messages in :attr:`waited`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited += time.perf_counter() - started
 
     def _post_sends(self, sends: list[tuple[torch.Tensor, int, Any, int]]) -> None:
         """Post every (tensor, dst, group, tag) send without waiting."""
@@ -222,8 +235,9 @@ class StageComm:
         """The remote receives of ``microbatch`` of this kind, by transfer tag, once they are in."""
         self._post_receives(kind, microbatch, batch)
         posted = self._posted.pop((kind, microbatch))
-        for _, _, work in posted:
-            work.wait()
+        with self.waiting():
+            for _, _, work in posted:
+                work.wait()
         return {t.tag: buffer for t, buffer, _ in posted}
 
     def receive_values(self, microbatch: int, batch: int) -> dict[str, torch.Tensor]:

@@ -68,13 +68,17 @@ class Feed:
 
 @dataclass(frozen=True)
 class TraceRecord:
-    """When one action ran on one stage: ``perf_counter`` seconds of that process."""
+    """When one action ran on one stage: ``perf_counter`` seconds of that process, and how many
+    of them it spent waiting for messages (receives, the tied all-reduce) rather than computing.
+    On NCCL a receive's wait holds up the GPU, not the process, so there the wait shows in the
+    action's span (its end waits for the GPU) and not in ``waited``."""
 
     stage: int
     name: str
     kind: str
     start: float
     end: float
+    waited: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,7 @@ class Executor:
     ) -> None:
         """Run the next of the actions given to :meth:`begin`."""
         started = self._clock() if trace is not None else 0.0
+        waited = self.comm.waited
         if action.kind == FORWARD:
             self._forward(action, feed)
         elif action.kind == BACKWARD:
@@ -249,7 +254,11 @@ class Executor:
         if trace is not None:
             # a rank running several stages names each action's stage: "2:F3@1"
             name = f"{action.stage}:{action}" if self.comm.layout.shared else str(action)
-            trace.append(TraceRecord(self.rank, name, action.kind, started, self._clock()))
+            trace.append(
+                TraceRecord(
+                    self.rank, name, action.kind, started, self._clock(), self.comm.waited - waited
+                )
+            )
 
     def post_receives(self, action: Action, feed: Feed) -> None:
         """Post ahead the receives ``action`` (a later one of this stage) will wait for."""
@@ -363,7 +372,8 @@ class Executor:
 
     def _step(self, keep: frozenset[int], on_step: Callable[[], None] | None) -> None:
         """Sum tied gradients, update (keeping the versions later computes use), and clear."""
-        reduce_tied_gradients(self.groups)
+        with self.comm.waiting():
+            reduce_tied_gradients(self.groups)
         with self.store.step(keep) if self.store is not None else contextlib.nullcontext():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -582,13 +582,17 @@ def tied_stage_groups(pipeline: Mapping[str, Any]) -> tuple[frozenset[int], ...]
     return tuple(sorted((g for g in groups if len(g) > 1), key=sorted))
 
 
-def _as_record(item: Any) -> Record:
-    """A trace record from a tuple or from anything with stage, name, kind, start and end."""
+def _as_record(item: Any) -> tuple[Record, float]:
+    """A trace record from a tuple or from anything with stage, name, kind, start and end, and
+    the seconds it waited for messages (a measured record's ``waited``, else 0)."""
     if isinstance(item, tuple):
-        stage, name, kind, start, end = item
+        stage, name, kind, start, end = item[:5]
+        waited = item[5] if len(item) > 5 else 0.0
     else:
         stage, name, kind, start, end = item.stage, item.name, item.kind, item.start, item.end
-    return int(stage), str(name), KIND_NAMES.get(kind, kind), float(start), float(end)
+        waited = getattr(item, "waited", 0.0)
+    record = int(stage), str(name), KIND_NAMES.get(kind, kind), float(start), float(end)
+    return record, float(waited)
 
 
 def chrome_trace(
@@ -596,9 +600,12 @@ def chrome_trace(
 ) -> dict[str, Any]:
     """A Chrome / Perfetto trace (``chrome://tracing``, ui.perfetto.dev) of a timeline or of
     records (stage, name, kind, start s, end s), such as a measured run's: one complete event per
-    action, ``pid`` for the run, one thread per stage, times in µs from the earliest start."""
+    action, ``pid`` for the run, one thread per stage, times in µs from the earliest start. A
+    record that waited for messages (a measured one's ``waited`` seconds, or a sixth entry)
+    says how long in its event's ``args``, as ``waited_ms``."""
     items = source.trace_records() if isinstance(source, Timeline) else source
-    records = [_as_record(item) for item in items]
+    pairs = [_as_record(item) for item in items]
+    records = [record for record, _ in pairs]
     origin = min((r[3] for r in records), default=0.0)
     events: list[dict[str, Any]] = []
     if label is not None:
@@ -606,18 +613,19 @@ def chrome_trace(
     for stage in sorted({r[0] for r in records}):
         events.append(_metadata("thread_name", pid, stage, f"stage {stage}"))
         events.append(_metadata("thread_sort_index", pid, stage, stage))
-    for stage, name, kind, start, end in records:
-        events.append(
-            {
-                "name": name,
-                "cat": kind,
-                "ph": "X",
-                "ts": round((start - origin) * 1e6, 3),
-                "dur": round((end - start) * 1e6, 3),
-                "pid": pid,
-                "tid": stage,
-            }
-        )
+    for (stage, name, kind, start, end), waited in pairs:
+        event = {
+            "name": name,
+            "cat": kind,
+            "ph": "X",
+            "ts": round((start - origin) * 1e6, 3),
+            "dur": round((end - start) * 1e6, 3),
+            "pid": pid,
+            "tid": stage,
+        }
+        if waited > 0:
+            event["args"] = {"waited_ms": round(waited * 1e3, 3)}
+        events.append(event)
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

@@ -82,6 +82,11 @@ def test_recompute_gives_the_same_training_as_keeping_activations(noisy: Path) -
     per_stage = sorted(e["name"] for e in events if e["tid"] == 1)
     assert per_stage == sorted(["F0", "F1", "B0", "B1", "S"] * 3)  # 3 steps of 2 microbatches
     assert {e["tid"] for e in events} == {0, 1} and min(e["ts"] for e in events) == 0
+    # stage 1 cannot start its first forward before stage 0 has sent it the values: it waits,
+    # and the trace says how long, within the action's span
+    first = min((e for e in events if e["tid"] == 1), key=lambda e: e["ts"])
+    assert first["name"] == "F0" and first["args"]["waited_ms"] > 0
+    assert all(0 < e["args"]["waited_ms"] <= e["dur"] / 1e3 for e in events if "args" in e)
     _ok(launch(2, *_noisy_flags(noisy), "--steps", "3", "--recompute",
                "--save_checkpoint", str(again)))  # fmt: skip
     _assert_same(torch.load(again), torch.load(kept))

@@ -226,6 +226,14 @@ def test_chrome_trace_takes_measured_records_in_seconds() -> None:
         ("S", "step", 1, pytest.approx(1e6)),
     ]
     assert complete[0]["dur"] == pytest.approx(5e5)
+    assert all("args" not in e for e in complete)
+
+
+def test_chrome_trace_says_how_long_a_measured_action_waited() -> None:
+    records = [(0, "F0", "F", 0.0, 0.004, 0.0015), (1, "B0", "B", 0.001, 0.002)]
+    complete = [e for e in chrome_trace(records)["traceEvents"] if e["ph"] == "X"]
+    assert complete[0]["args"] == {"waited_ms": pytest.approx(1.5)}
+    assert "args" not in complete[1]
 
 
 @pytest.mark.parametrize(("suffix", "magic"), [(".png", b"\x89PNG\r\n\x1a\n"), (".svg", b"<")])
