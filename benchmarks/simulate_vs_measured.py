@@ -27,7 +27,13 @@ not recompute), then for each schedule:
   ``stage_times.py`` times them, whole, with all P processes computing at once (plus posting
   its messages). The profile is
   taken with the machine to itself; side by side the processes share its memory bandwidth,
-  caches and cores, and this column shows how much of the error that accounts for.
+  caches and cores, and this column shows how much of the error that accounts for;
+- replayed: the same again, but each stage's forward, backward and step as the measured run
+  computed them (the mean of each action's span less its ``waited_ms``, after the warm-up)
+  and the runtime's own mean time between a rank's actions added to each. It is not a
+  prediction (it needs the run) but a check of the simulator: with the actions' costs right,
+  what error is left comes from how the simulator runs the schedule and prices the links.
+  The line under each row prints those costs, next to the profile's above.
 
 Both sides are read the same way: a batch ends when the last stage ends the backward of its
 last microbatch, and the time per batch is the median of the gaps between those ends, the
@@ -117,6 +123,9 @@ class Row:
     together_ms: float
     """Predicted with each stage's forward and backward timed whole while every process
     computes at once (``stage_times.py``), the profile's other costs kept."""
+    replayed_ms: float
+    """Predicted with each stage's actions as the measured run computed them (``in_pipeline``):
+    what is left of the error is the simulator's, not the costs'."""
 
     @property
     def error(self) -> float:
@@ -126,6 +135,10 @@ class Row:
     @property
     def together_error(self) -> float:
         return (self.together_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def replayed_error(self) -> float:
+        return (self.replayed_ms - self.measured_ms) / self.measured_ms
 
 
 def family_of(model: str) -> str:
@@ -463,23 +476,76 @@ def measure(path: Path, name: str, args: argparse.Namespace, threads: int, trace
         *("--no_progress", "--trace", str(trace)),
     ]
     run_quietly(command, threads, args.timeout, f"the runtime with {name}")
-    events = json.loads(trace.read_text())["traceEvents"]
-    last = args.stages - 1
-    # the last process runs the last stage, and under wpipe one more, named in each action
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
     stages = len(load_generated(path).PIPELINE["stages"])
-    prefix = f"{stages - 1}:" if stages > args.stages else ""
     ends = [
         (e["ts"] + e["dur"]) / 1e3
         for e in events
-        if e["ph"] == "X"
-        and e["cat"] == "backward"
-        and e["tid"] == last
-        and e["name"].startswith(prefix)
+        if e["cat"] == "backward" and stage_of(e) == stages - 1
     ]
     gaps = batch_gaps_ms(ends, args.microbatches)[args.warmup : -1]
     if not gaps:
         raise BenchmarkError(f"{name}: no batches left after the {args.warmup} warm-up ones")
     return statistics.median(gaps)
+
+
+def stage_of(event: dict[str, Any]) -> int:
+    """The stage of a measured action: named in it where its rank runs two ("2:F3@1"), else
+    its rank's (``tid``)."""
+    stage, colon, _ = event["name"].partition(":")
+    return int(stage) if colon else int(event["tid"])
+
+
+@dataclass(frozen=True)
+class InPipeline:
+    """What each stage's actions took in a measured run, after the warm-up, on average: the
+    forward, backward and step less their waits for messages, and the runtime's own time
+    between a rank's actions (posting receives, the loop, each step's bookkeeping), charged to
+    the action that follows."""
+
+    forward_ms: list[float]
+    backward_ms: list[float]
+    step_ms: list[float]
+    between_ms: list[float]
+    """Per stage, the mean time between an action of it and the one before on its rank."""
+
+
+def in_pipeline(trace: Path, n_stages: int, warmup_fraction: float) -> InPipeline:
+    """The actions of a measured trace, its first ``warmup_fraction`` of each rank's left out."""
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    computed: dict[tuple[int, str], list[float]] = {}
+    between: dict[int, list[float]] = {}
+    for rank in sorted({e["tid"] for e in events}):
+        mine = sorted((e for e in events if e["tid"] == rank), key=lambda e: e["ts"])
+        start = int(len(mine) * warmup_fraction)
+        for index in range(max(start, 1), len(mine)):
+            before, event = mine[index - 1], mine[index]
+            stage = stage_of(event)
+            waited = event.get("args", {}).get("waited_ms", 0.0)
+            computed.setdefault((stage, event["cat"]), []).append(event["dur"] / 1e3 - waited)
+            between.setdefault(stage, []).append((event["ts"] - before["ts"] - before["dur"]) / 1e3)
+
+    def mean(stage: int, kind: str) -> float:
+        return statistics.mean(computed.get((stage, kind), [0.0]))
+
+    stages = range(n_stages)
+    return InPipeline(
+        [mean(s, "forward") for s in stages],
+        [mean(s, "backward") for s in stages],
+        [mean(s, "step") for s in stages],
+        [statistics.mean(between.get(s, [0.0])) for s in stages],
+    )
+
+
+def replayed(costs: StageCosts, actions: InPipeline) -> StageCosts:
+    """``costs`` with each stage's forward, backward and step as a measured run computed them,
+    each with the runtime's time before it; the links and the tied all-reduce kept."""
+    return replace(
+        costs,
+        forward_ms=[f + b for f, b in zip(actions.forward_ms, actions.between_ms)],
+        backward_ms=[f + b for f, b in zip(actions.backward_ms, actions.between_ms)],
+        step_ms=[f + b for f, b in zip(actions.step_ms, actions.between_ms)],
+    )
 
 
 def write_side_by_side(timeline: Timeline, measured: Path, destination: Path) -> None:
@@ -577,6 +643,8 @@ def benchmark_model(
         trace = scratch / f"{model}_{name}.json"
         measured = measure(path, name, args, threads, trace)
         side_by_side = predict(path, together[name == "wpipe"], name, args, versions)
+        actions = in_pipeline(trace, len(costs.forward_ms), args.warmup / args.steps)
+        replay = predict(path, replayed(costs, actions), name, args)
         row = Row(
             model,
             name,
@@ -585,8 +653,16 @@ def benchmark_model(
             predicted_batch_ms(timeline, args.microbatches),
             measured,
             predicted_batch_ms(side_by_side, args.microbatches),
+            predicted_batch_ms(replay, args.microbatches),
         )
         print_row(row)
+        shown = ", ".join(
+            f"stage {s}: F {f:.2f} B {b:.2f} S {st:.2f} +{gap:.2f}"
+            for s, (f, b, st, gap) in enumerate(
+                zip(actions.forward_ms, actions.backward_ms, actions.step_ms, actions.between_ms)
+            )
+        )
+        print(f"  in the pipeline (ms, waits left out; + the runtime's time before each): {shown}")
         rows.append(row)
         if args.trace_dir and name == args.trace_schedule:
             destination = Path(args.trace_dir) / f"{model}_{name}_p{args.stages}.json"
@@ -597,7 +673,8 @@ def benchmark_model(
 
 HEADER = (
     f"{'model':<12} {'schedule':<10} {'p':>2} {'m':>3} {'predicted ms':>12} "
-    f"{'measured ms':>11} {'error':>7} {'together ms':>11} {'error':>7}"
+    f"{'measured ms':>11} {'error':>7} {'together ms':>11} {'error':>7} "
+    f"{'replayed ms':>11} {'error':>7}"
 )
 
 
@@ -605,7 +682,7 @@ def print_row(row: Row) -> None:
     print(
         f"{row.model:<12} {row.schedule:<10} {row.p:>2} {row.m:>3} {row.predicted_ms:>12.2f} "
         f"{row.measured_ms:>11.2f} {row.error:>+7.1%} {row.together_ms:>11.2f} "
-        f"{row.together_error:>+7.1%}",
+        f"{row.together_error:>+7.1%} {row.replayed_ms:>11.2f} {row.replayed_error:>+7.1%}",
         flush=True,
     )
 
@@ -616,6 +693,7 @@ def summary(rows: Sequence[Row]) -> str:
     for label, error in (
         ("profile", lambda row: row.error),
         ("stages timed together", lambda row: row.together_error),
+        ("actions as the run computed them", lambda row: row.replayed_error),
     ):
         worst = max(rows, key=lambda row: abs(error(row)))
         verdict = "met" if abs(error(worst)) <= TARGET else "missed"
@@ -636,8 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--stages", type=int, default=2, help="stages, one process each")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=12, help="batches the runtime trains")
-    parser.add_argument("--warmup", type=int, default=3, help="measured batches left out")
+    parser.add_argument("--steps", type=int, default=60, help="batches the runtime trains")
+    parser.add_argument("--warmup", type=int, default=10, help="measured batches left out")
     parser.add_argument("--sim_steps", type=int, default=8, help="batches simulated")
     parser.add_argument(
         "--profile_at",
