@@ -32,6 +32,8 @@ is posted when its action needs it.
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -126,8 +128,69 @@ def make_channels(
     return channels
 
 
+class SendWaiter:
+    """Waits for posted sends in a thread of its own, oldest first, and lets each go (its work
+    and tensor) once it has completed.
+
+    A gloo send never says it has completed (its ``is_completed`` stays false until someone
+    waits for it), and waiting for it where it was posted could deadlock: it completes only
+    once its receiver posts the receive, which may wait on this rank's next sends. Waiting in
+    another thread blocks only that thread (``wait`` lets go of the GIL), so the sends of an
+    asynchronous run, which drains only at its end, are freed as they land instead of piling
+    up with their tensors for the whole run."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[dist.Work, torch.Tensor] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="autopipe-sends", daemon=True)
+        self._thread.start()
+
+    def add(self, work: dist.Work, tensor: torch.Tensor) -> None:
+        """Wait for ``work``, the send of ``tensor``, after those added before it."""
+        self._raise_error()
+        self._queue.put((work, tensor))
+
+    @property
+    def pending(self) -> int:
+        """Sends added and not yet completed."""
+        return self._queue.unfinished_tasks
+
+    def wait(self) -> None:
+        """Block until every send added so far has completed; raise what a wait raised."""
+        self._queue.join()
+        self._raise_error()
+
+    def close(self) -> None:
+        """Stop the thread once the sends added so far are waited for."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    item[0].wait()
+            except BaseException as error:  # handed to the caller of add or wait
+                self._error = error
+            finally:
+                item = None
+                self._queue.task_done()
+
+
 class StageComm:
-    """The sends and receives of one stage, forward (values) and backward (their gradients)."""
+    """The sends and receives of one stage, forward (values) and backward (their gradients).
+
+    With ``send_waiter`` (gloo) a :class:`SendWaiter` waits for the sends in the background;
+    without it (NCCL, whose sends say when they have completed) sends are kept until a later
+    send finds them completed or :meth:`wait_sends` waits for them."""
 
     def __init__(
         self,
@@ -139,6 +202,7 @@ class StageComm:
         stage: int | None = None,
         mailbox: dict[tuple[str, int, int], torch.Tensor] | None = None,
         post_ahead: bool = True,
+        send_waiter: bool = False,
     ) -> None:
         self.rank = rank
         self.post_ahead = post_ahead
@@ -155,6 +219,7 @@ class StageComm:
         self.channels = channels
         # posted sends, each with its tensor, kept alive until they complete
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._waiter = SendWaiter() if send_waiter else None
         # receives posted ahead, by kind and microbatch: (transfer, buffer, work)
         self._posted: dict[tuple[str, int], list[tuple[Transfer, torch.Tensor, Any]]] = {}
         self.waited = 0.0
@@ -171,10 +236,14 @@ class StageComm:
 
     def _post_sends(self, sends: list[tuple[torch.Tensor, int, Any, int]]) -> None:
         """Post every (tensor, dst, group, tag) send without waiting."""
-        if sends:
+        if sends and self._waiter is None:
             self._release_completed()
         for tensor, dst, group, tag in sends:
-            self._pending.append((dist.isend(tensor, dst, group=group, tag=tag), tensor))
+            work = dist.isend(tensor, dst, group=group, tag=tag)
+            if self._waiter is None:
+                self._pending.append((work, tensor))
+            else:
+                self._waiter.add(work, tensor)
 
     def _release_completed(self) -> None:
         """Forget sends that have completed, so their tensors can be freed before the step."""
@@ -296,8 +365,22 @@ class StageComm:
                 sends.append((grad.contiguous(), src, channel, t.tag))
         self._post_sends(sends)
 
+    @property
+    def pending_sends(self) -> int:
+        """Sends posted and kept until they complete (or until they are found completed)."""
+        return len(self._pending) + (0 if self._waiter is None else self._waiter.pending)
+
     def wait_sends(self) -> None:
         """Block until every send posted so far has completed, so its tensor may be freed."""
+        if self._waiter is not None:
+            self._waiter.wait()
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
+
+    def close(self) -> None:
+        """Wait for the sends posted so far and stop waiting in the background."""
+        self.wait_sends()
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None

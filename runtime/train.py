@@ -405,7 +405,10 @@ def _build_executors(
         weights_of_stage = list(stage.parameters()) or [nn.Parameter(torch.zeros(0, device=device))]
         optimizer = OPTIMIZERS[config.optimizer](weights_of_stage, config)
         comm = StageComm(
-            pipeline, layout, rank, device, channels, index, mailbox, post_ahead=not nccl
+            pipeline,
+            *(layout, rank, device, channels, index, mailbox),
+            post_ahead=not nccl,
+            send_waiter=not nccl,
         )
         executors[index] = Executor(
             pipeline,
@@ -879,6 +882,8 @@ def train(config: TrainConfig, generated: ModuleType, device: torch.device) -> N
         run_stages(executors, actions, segment_feed, trace, losses, after_step)
         if _checkpoint_due(config, segment.stop, total):
             _save_training_state(config, generated, layout, executors, schedulers, segment.stop)
+    for executor in executors.values():
+        executor.comm.close()
     if reporter is not None:
         reporter.close(total - start)
     if trace is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,53 @@ def _exchange(rank: int, port: int, separate: bool, results: Any) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _stream(rank: int, port: int, results: Any) -> None:
+    """Rank 0 sends 20 microbatches' values to rank 1 and waits for none of its sends; once
+    rank 1 has them all, it reports how many sends it still holds, a while after."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, h = _spec(None, [0], [4, 3]), _spec(0, [1], [4, 3])
+        pipeline = {
+            "stages": [
+                {"inputs": ["x"], "outputs": ["h"], "values": {"x": x, "h": h}},
+                {"inputs": ["h"], "outputs": [], "values": {"h": h}},
+            ]
+        }
+        layout = Layout((1, 1))
+        channels = make_channels(pipeline, layout, separate=False)
+        comm = StageComm(pipeline, layout, rank, torch.device("cpu"), channels, send_waiter=True)
+        for microbatch in range(20):
+            if rank == 0:
+                comm.send_values(microbatch, {"h": torch.full((4, 3), float(microbatch))})
+            else:
+                assert comm.receive_values(microbatch, 4)["h"][0, 0].item() == microbatch
+        dist.barrier()
+        if rank == 0:
+            deadline = time.monotonic() + 10
+            while comm.pending_sends and time.monotonic() < deadline:
+                time.sleep(0.01)
+            results.put(comm.pending_sends)
+        comm.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sends_are_let_go_once_they_land_without_waiting_for_them() -> None:
+    # a gloo send never reports itself completed: without the waiter thread all 20 sends, and
+    # their tensors, would be held until wait_sends (an asynchronous run's end)
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=_stream, args=(r, port, results)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(TIMEOUT_S)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    assert results.get(timeout=5) == 0
 
 
 @pytest.mark.parametrize("separate", [True, False])
