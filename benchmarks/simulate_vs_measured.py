@@ -6,9 +6,11 @@ not recompute), then for each schedule:
 
 - predicted: the file's stage costs for one microbatch, simulated over ``--sim_steps`` batches
   (a synchronous schedule's action lists run once per batch, an asynchronous one without a
-  flush), plus two costs the graph's profile leaves out and that are measured here in the same
+  flush), plus costs the graph's profile leaves out and that are measured here in the same
   way as the profile, with the same threads: the loss (forward and backward), which the last
-  stage computes in each backward, and each stage's optimizer step. Transfers are priced as
+  stage computes in each backward, each stage's optimizer step, and reading a batch of the
+  runtime's synthetic data (the first stage's inputs, the last one's labels), shared out over
+  the batch's microbatches. Transfers are priced as
   gloo makes them between two processes here (``link_probe.py``: a fixed cost per message and
   a bandwidth, also used for the all-reduce of weights tied across stages before each step,
   2 (k - 1) messages for k stages), or at ``--bw`` GB/s. Posting a message takes the poster's
@@ -75,7 +77,8 @@ import torch
 
 from launch import BenchmarkError, run_measured
 from autopipe.tasks import FAMILIES
-from runtime.comm import carries_gradient, transfers, value_specs
+from runtime.comm import MODEL_INPUT_SOURCE, carries_gradient, transfers, value_specs
+from runtime.data import DataSource
 from runtime.schedule import (
     ASYNC_SCHEDULES,
     BACKWARD,
@@ -97,7 +100,7 @@ from runtime.simulate import (
 )
 from runtime.layout import make_layout
 from runtime.stage import load_generated
-from runtime.train import LOSSES
+from runtime.train import LOSSES, TrainConfig
 from runtime.weights import forwards_to_record, versions_to_keep
 from stage_times import stage_inputs, synthetic_inputs
 from version_overhead import time_stage
@@ -202,6 +205,15 @@ def loss_ms(pipeline: dict[str, Any], microbatch: int) -> float:
     return median_ms(lambda: LOSSES[LOSS](output, labels).backward())
 
 
+def data_ms(path: Path, pipeline: dict[str, Any], batch_size: int) -> tuple[float, float]:
+    """What reading one batch of the runtime's synthetic data takes: its model inputs, which
+    the first rank reads, and its labels, which the last reads (the profile leaves both out)."""
+    config = TrainConfig(model=str(path), batch_size=batch_size, microbatches=1, steps=1)
+    data = DataSource(config, pipeline)
+    step = iter(range(10**9))
+    return median_ms(lambda: data.inputs(next(step))), median_ms(lambda: data.labels(next(step)))
+
+
 def step_ms(generated: ModuleType, index: int) -> float:
     """Stage ``index``'s SGD step and gradient clearing, as the runtime's step runs them."""
     stage = generated.build_stage(index)
@@ -229,9 +241,11 @@ class StageCosts:
     comm_ms: dict[tuple[int, int], float]
     loss_ms: float
     tied_ms: tuple[float, ...]
-    forward_posts_ms: list[float]
-    """The part of ``forward_ms`` that posting messages takes; the same for the backward."""
-    backward_posts_ms: list[float]
+    forward_extra_ms: list[float]
+    """The part of ``forward_ms`` the runtime adds to computing the stage: posting its
+    messages, and on the first stage its share of reading the batch's inputs; the same for
+    the backward (the last stage's labels; its loss is ``loss_ms``)."""
+    backward_extra_ms: list[float]
 
 
 @dataclass(frozen=True)
@@ -328,17 +342,20 @@ def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
         if posts.messages[pair]
     }
     loss = loss_ms(pipeline, args.batch_size // args.microbatches)
-    forward = [ms + posted for ms, posted in zip(costs.forward_ms, posts.forward_ms)]
-    backward = [ms + posted for ms, posted in zip(costs.backward_ms, posts.backward_ms)]
+    inputs, labels = data_ms(path, pipeline, args.batch_size)
+    forward_extra, backward_extra = list(posts.forward_ms), list(posts.backward_ms)
+    # a step's batch is read in its first microbatch: each pays its share on average
+    forward_extra[MODEL_INPUT_SOURCE] += inputs / args.microbatches
+    backward_extra[-1] += labels / args.microbatches
+    forward = [ms + extra for ms, extra in zip(costs.forward_ms, forward_extra)]
+    backward = [ms + extra for ms, extra in zip(costs.backward_ms, backward_extra)]
     backward[-1] += loss
     steps = [step_ms(generated, index) for index in range(len(pipeline["stages"]))]
     tied_ms = tuple(
         ms + 2 * (len(group) - 1) * link.latency_ms
         for group, ms in zip(costs.tied_stages, costs.tied_ms)
     )
-    return StageCosts(
-        forward, backward, steps, comm, loss, tied_ms, posts.forward_ms, posts.backward_ms
-    )
+    return StageCosts(forward, backward, steps, comm, loss, tied_ms, forward_extra, backward_extra)
 
 
 def timed_together(
@@ -356,8 +373,8 @@ def timed_together(
         run_quietly(command, threads, args.timeout, "timing the stages").splitlines()[-1]
     )
     together = found["together"]
-    forward = [ms + posts for ms, posts in zip(together["forward_ms"], costs.forward_posts_ms)]
-    backward = [ms + posts for ms, posts in zip(together["backward_ms"], costs.backward_posts_ms)]
+    forward = [ms + extra for ms, extra in zip(together["forward_ms"], costs.forward_extra_ms)]
+    backward = [ms + extra for ms, extra in zip(together["backward_ms"], costs.backward_extra_ms)]
     backward[-1] += costs.loss_ms
     return replace(costs, forward_ms=forward, backward_ms=backward), found
 
