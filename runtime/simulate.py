@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ import torch
 
 from runtime.cli import OneLineParser, fail
 from runtime.comm import carries_gradient, transfers, value_specs
+from runtime.executor import microbatch_sizes
+from runtime.layout import check_wpipe, make_layout
 from runtime.schedule import (
     BACKWARD,
     FORWARD,
@@ -45,7 +48,6 @@ from runtime.schedule import (
     stage_dependencies,
     weight_versions,
 )
-from runtime.layout import check_wpipe, make_layout
 from runtime.stage import RuntimeConfigError, load_generated
 
 PROG = "runtime.simulate"
@@ -595,6 +597,79 @@ def _as_record(item: Any) -> tuple[Record, float]:
     return record, float(waited)
 
 
+@dataclass(frozen=True)
+class MeasuredCosts:
+    """What each stage's actions took in a measured run (the runtime's ``--trace``), on
+    average over the run after its warm-up: a forward, a backward and a step, each less its
+    waits for messages (``waited_ms``) and with the runtime's own time before it on its rank
+    added (posting the next receives, the loop, a step's bookkeeping), since the simulator
+    charges a stage only for its actions."""
+
+    forward_ms: list[float]
+    backward_ms: list[float]
+    step_ms: list[float]
+    between_ms: list[float]
+    """The runtime's mean time before an action of the stage (already in the three above)."""
+    microbatch_size: int | None
+    """Samples in the run's (largest) microbatch; None for a trace that does not say."""
+
+
+def event_stage(event: Mapping[str, Any], stage_of_rank: Sequence[int] | None) -> int:
+    """The stage of a measured action: named where its rank runs several ("2:F3@1"), else
+    the stage its rank (``tid``) runs."""
+    stage, colon, _ = str(event["name"]).partition(":")
+    if colon:
+        return int(stage)
+    rank = int(event["tid"])
+    return stage_of_rank[rank] if stage_of_rank is not None else rank
+
+
+def measured_costs(
+    trace: Mapping[str, Any],
+    n_stages: int,
+    warmup: float = 0.2,
+    stage_of_rank: Sequence[int] | None = None,
+) -> MeasuredCosts:
+    """Each stage's costs as the run that wrote ``trace`` (a runtime ``--trace``) met them,
+    leaving out the first ``warmup`` of each rank's actions; ``stage_of_rank`` maps a rank to
+    its stage where ranks are not stages (replicas)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    if not events:
+        raise SimulationError("the trace holds no actions: pass a trace the runtime wrote")
+    computed: dict[tuple[int, str], list[float]] = {}
+    between: dict[int, list[float]] = {}
+    for rank in sorted({e["tid"] for e in events}):
+        mine = sorted((e for e in events if e["tid"] == rank), key=lambda e: e["ts"])
+        # the first action has no time before it to count
+        for index in range(max(int(len(mine) * warmup), 1), len(mine)):
+            before, event = mine[index - 1], mine[index]
+            stage = event_stage(event, stage_of_rank)
+            waited = event.get("args", {}).get("waited_ms", 0.0)
+            gap = (event["ts"] - before["ts"] - before["dur"]) / 1e3
+            computed.setdefault((stage, event["cat"]), []).append(event["dur"] / 1e3 - waited)
+            between.setdefault(stage, []).append(gap)
+    stages = sorted({stage for stage, _ in computed})
+    if stages != list(range(n_stages)) or any(
+        (stage, kind) not in computed for stage in stages for kind in ("forward", "backward")
+    ):
+        raise SimulationError(
+            f"the trace's actions are of stages {stages}, not of this file's {n_stages} stages "
+            "with a forward and a backward each: pass a trace of a run of this file"
+        )
+    mean_between = [statistics.mean(between[stage]) for stage in range(n_stages)]
+
+    def charged(stage: int, kind: str) -> float:
+        found = computed.get((stage, kind))
+        return statistics.mean(found) + mean_between[stage] if found else 0.0
+
+    size = trace.get("otherData", {}).get("microbatch_size")
+    return MeasuredCosts(
+        *([charged(stage, kind) for stage in range(n_stages)] for kind in KIND_NAMES.values()),
+        mean_between,
+        None if size is None else int(size),
+    )
+
+
 def chrome_trace(
     source: Timeline | Iterable[Any], pid: int = 0, label: str | None = None
 ) -> dict[str, Any]:
@@ -742,6 +817,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="link bandwidth in GB/s (default: the file's, else 12 as the compiler's)",
     )
+    parser.add_argument(
+        "--costs_from",
+        metavar="TRACE",
+        help="take each stage's forward, backward and step from a measured run of this file "
+        "(the runtime's --trace, any schedule) instead of its profile: what its actions "
+        "computed, less their waits, plus the runtime's time between them; links stay priced",
+    )
     parser.add_argument("--timeline", help="draw the timeline to this .png or .svg file")
     parser.add_argument("--trace", help="write a Chrome / Perfetto trace to this .json file")
     return parser
@@ -758,6 +840,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SimulationError(f"--bw must be positive, got {args.bw}")
     if args.timeline and Path(args.timeline).suffix not in (".png", ".svg"):
         raise SimulationError(f"--timeline must name a .png or .svg file, got {args.timeline!r}")
+    if args.costs_from and not Path(args.costs_from).is_file():
+        raise SimulationError(f"no trace {args.costs_from!r} (--costs_from)")
     for output in filter(None, (args.timeline, args.trace)):
         if not Path(output).parent.is_dir():
             raise SimulationError(f"no folder {str(Path(output).parent)!r} to write {output!r} in")
@@ -857,6 +941,16 @@ def run(args: argparse.Namespace) -> str:
     costs = costs_from_pipeline(pipeline, args.bw, args.microbatches, args.batch_size, tied_bytes)
     dependencies = stage_dependencies(pipeline)
     n_stages = len(pipeline["stages"])
+    step_ms = None
+    notes = []
+    if args.costs_from:
+        measured = _measured_costs_for(args, pipeline, costs)
+        costs = replace(costs, forward_ms=measured.forward_ms, backward_ms=measured.backward_ms)
+        step_ms = measured.step_ms
+        notes.append(
+            f"stage costs measured in {args.costs_from} (the runtime's time between actions, "
+            f"{', '.join(format_ms(ms) for ms in measured.between_ms)} ms per stage, included)"
+        )
     schedule = build_schedule(args.schedule, n_stages, args.microbatches, args.steps)
     timeline = simulate_costs(
         schedule,
@@ -864,6 +958,7 @@ def run(args: argparse.Namespace) -> str:
         costs.forward_ms,
         costs.backward_ms,
         costs.comm_ms,
+        step_ms,
         activation_bytes=costs.input_bytes,
         tied_stages=costs.tied_stages,
         tied_ms=costs.tied_ms,
@@ -876,7 +971,6 @@ def run(args: argparse.Namespace) -> str:
         trace = chrome_trace(timeline, label=f"predicted {timeline_title(timeline)}")
         Path(args.trace).write_text(json.dumps(trace) + "\n")
         written.append(f"wrote {args.trace}")
-    notes = []
     replicas = [stage.get("replicas", 1) for stage in pipeline["stages"]]
     if max(replicas) > 1:
         notes.append(
@@ -884,6 +978,31 @@ def run(args: argparse.Namespace) -> str:
             "stage (the partitioner's analysis prices the replicas and their all-reduce)"
         )
     return "\n".join([report(timeline, costs, dependencies, args.microbatches), *written, *notes])
+
+
+def _measured_costs_for(
+    args: argparse.Namespace, pipeline: Mapping[str, Any], costs: PipelineCosts
+) -> MeasuredCosts:
+    """The stage costs of the trace ``--costs_from``, checked to be of microbatches of the size
+    this prediction is for."""
+    try:
+        trace = json.loads(Path(args.costs_from).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SimulationError(f"cannot read the trace {args.costs_from!r}: {error}") from None
+    if not isinstance(trace, dict):
+        raise SimulationError(f"{args.costs_from!r} is not a Chrome / Perfetto trace")
+    layout = make_layout(pipeline)
+    ranks = None if layout.shared else [layout.role(r).stage for r in range(layout.world_size)]
+    measured = measured_costs(trace, len(pipeline["stages"]), stage_of_rank=ranks)
+    if costs.batch_size is not None and measured.microbatch_size is not None:
+        size = microbatch_sizes(costs.batch_size, args.microbatches)[0]
+        if size != measured.microbatch_size:
+            raise SimulationError(
+                f"the traced run's microbatches hold {measured.microbatch_size} samples, this "
+                f"prediction's {size} (batch {costs.batch_size} in {args.microbatches}): pass "
+                "the run's --batch_size and --microbatches"
+            )
+    return measured
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -697,7 +697,8 @@ def _write_trace(
 ) -> None:
     """Gather every rank's action times on rank 0 and write them as a Chrome/Perfetto trace,
     the format ``python -m runtime.simulate --trace`` predicts in. Each rank's clock starts at
-    a barrier, so the stages line up to within that barrier's skew, across machines too."""
+    a barrier, so the stages line up to within that barrier's skew, across machines too.
+    ``otherData`` says what ran (``python -m runtime.simulate --costs_from`` reads it)."""
     shifted = [replace(r, start=r.start - origin, end=r.end - origin) for r in records]
     rank = dist.get_rank()
     gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
@@ -705,7 +706,16 @@ def _write_trace(
     if rank == 0:
         label = f"measured: {config.schedule}, p={n_stages}, m={config.microbatches}"
         every = [record for part in gathered for record in part]
-        Path(config.trace).write_text(json.dumps(chrome_trace(every, label=label)))
+        trace = chrome_trace(every, label=label)
+        trace["otherData"] = {
+            "schedule": config.schedule,
+            "microbatches": config.microbatches,
+            "batch_size": config.batch_size,
+            "microbatch_size": microbatch_sizes(config.batch_size, config.microbatches * config.dp)[
+                0
+            ],
+        }
+        Path(config.trace).write_text(json.dumps(trace))
         log.info("wrote trace %s", config.trace)
 
 

@@ -78,7 +78,11 @@ def test_recompute_gives_the_same_training_as_keeping_activations(noisy: Path) -
     kept, again, trace = noisy / "kept.pt", noisy / "recomputed.pt", noisy / "trace.json"
     _ok(launch(2, *_noisy_flags(noisy), "--steps", "3", "--save_checkpoint", str(kept),
                "--trace", str(trace)))  # fmt: skip
-    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    written = json.loads(trace.read_text())
+    events = [e for e in written["traceEvents"] if e["ph"] == "X"]
+    assert written["otherData"] == {
+        "schedule": "1f1b", "microbatches": 2, "batch_size": 8, "microbatch_size": 4
+    }  # fmt: skip
     per_stage = sorted(e["name"] for e in events if e["tid"] == 1)
     assert per_stage == sorted(["F0", "F1", "B0", "B1", "S"] * 3)  # 3 steps of 2 microbatches
     assert {e["tid"] for e in events} == {0, 1} and min(e["ts"] for e in events) == 0

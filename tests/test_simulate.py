@@ -33,6 +33,7 @@ from runtime.simulate import (
     costs_from_pipeline,
     draw_timeline,
     main,
+    measured_costs,
     simulate_costs,
     tied_parameter_bytes,
     tied_stage_groups,
@@ -357,6 +358,7 @@ def test_the_command_simulates_wpipe_one_row_per_device(
         (["--microbatches", "0"], "--microbatches must be at least 1, got 0"),
         (["--bw", "-1"], "--bw must be positive"),
         (["--timeline", "t.pdf"], "--timeline must name a .png or .svg file"),
+        (["--costs_from", "no/such/trace.json"], "no trace 'no/such/trace.json'"),
     ],
 )
 def test_user_errors_exit_with_one_line(
@@ -426,3 +428,75 @@ def test_a_forward_that_predicts_weights_pays_its_stages_step() -> None:
             expected = 1.5 if record.action.stage == 0 else 1.0
             assert record.action.predict == (1 if record.action.stage == 0 else 0)
             assert record.end_ms - record.start_ms == pytest.approx(expected)
+
+
+def _event(tid: int, name: str, cat: str, ts_ms: float, dur_ms: float, waited_ms: float = 0.0):
+    event = {"ph": "X", "tid": tid, "name": name, "cat": cat, "ts": ts_ms * 1e3,
+             "dur": dur_ms * 1e3, "pid": 0}  # fmt: skip
+    if waited_ms:
+        event["args"] = {"waited_ms": waited_ms}
+    return event
+
+
+def test_measured_costs_are_what_each_stage_computed_with_the_runtimes_time_before() -> None:
+    events = [
+        # rank 0 runs stages 0 and 2 (named in the actions), rank 1 stage 1; each rank's
+        # first action is left out (no time before it, and the warm-up)
+        _event(0, "0:F0", "forward", 0.0, 50.0),
+        _event(0, "0:F1", "forward", 51.0, 3.0, waited_ms=1.0),
+        _event(0, "2:B1", "backward", 54.5, 4.0),
+        _event(0, "0:S", "step", 60.0, 2.0, waited_ms=1.5),
+        _event(1, "F0", "forward", 0.0, 40.0),
+        _event(1, "F1", "forward", 40.2, 5.0, waited_ms=4.0),
+        _event(1, "B1", "backward", 45.4, 6.0),
+        _event(0, "2:F1", "forward", 62.0, 1.0),
+        _event(0, "0:B1", "backward", 63.0, 2.0),
+        {"ph": "M", "name": "thread_name", "pid": 0, "tid": 0, "args": {"name": "stage 0"}},
+    ]
+    trace = {"traceEvents": events, "otherData": {"microbatch_size": 3}}
+    found = measured_costs(trace, 3, warmup=0.0)
+    # between: stage 0 after 1.0 (F1), 1.5 (S) and 0.0 (B1); stage 1 after 0.2 twice; stage
+    # 2 after 0.5 (B1) and 0.0 (F1)
+    assert found.between_ms == pytest.approx([2.5 / 3, 0.2, 0.25])
+    assert found.forward_ms == pytest.approx([2.0 + 2.5 / 3, 1.0 + 0.2, 1.0 + 0.25])
+    assert found.backward_ms == pytest.approx([2.0 + 2.5 / 3, 6.0 + 0.2, 4.0 + 0.25])
+    assert found.step_ms == pytest.approx([0.5 + 2.5 / 3, 0.0, 0.0])
+    assert found.microbatch_size == 3
+    # ranks that are not stages (replicas) map through stage_of_rank
+    replicas = [_event(r, n, c, t, 1.0) for r in (0, 1, 2) for n, c, t in
+                (("F0", "forward", 0.0), ("F1", "forward", 2.0), ("B0", "backward", 4.0))]  # fmt: skip
+    found = measured_costs({"traceEvents": replicas}, 2, 0.0, stage_of_rank=[0, 0, 1])
+    assert found.forward_ms == pytest.approx([2.0, 2.0]) and found.microbatch_size is None
+    with pytest.raises(SimulationError, match=r"of stages \[0, 1, 2\], not of this file's 2"):
+        measured_costs(trace, 2)
+    with pytest.raises(SimulationError, match="holds no actions"):
+        measured_costs({"traceEvents": []}, 2)
+
+
+def test_the_command_predicts_from_a_measured_run(
+    generated: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # a run of the file, as the runtime's --trace writes it: each stage takes 2 ms forward
+    # and 3 ms backward, 0.5 ms between actions, a 1 ms step
+    records = []
+    for stage in (0, 1):
+        clock = 0.0
+        for name, seconds in (("F0", 0.002), ("F1", 0.002), ("B1", 0.003), ("B0", 0.003),
+                              ("S", 0.001)):  # fmt: skip
+            clock += 0.0005
+            records.append((stage, name, name[0], clock, clock + seconds))
+            clock += seconds
+    trace = chrome_trace(records)
+    trace["otherData"] = {"microbatch_size": 2}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(trace))
+    flags = ["--model", str(generated), "--schedule", "gpipe", "--microbatches", "4"]
+    main([*flags, "--costs_from", str(path)])
+    out = capsys.readouterr().out
+    table = out.split("versions\n")[1].splitlines()
+    assert [row.split()[1:3] for row in table[:2]] == [["2.50", "3.50"]] * 2
+    assert f"stage costs measured in {path}" in out
+    with pytest.raises(SystemExit):
+        main([*flags, "--batch_size", "16", "--costs_from", str(path)])
+    err = capsys.readouterr().err
+    assert "microbatches hold 2 samples, this prediction's 4" in err
