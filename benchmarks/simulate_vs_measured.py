@@ -82,8 +82,10 @@ sys.path.insert(0, str(REPO))
 import torch
 from launch import BenchmarkError, run_measured
 from stage_times import stage_inputs, synthetic_inputs
+from torch import nn
 from version_overhead import time_stage
 
+import autopipe
 from autopipe.tasks import FAMILIES
 from runtime.comm import MODEL_INPUT_SOURCE, carries_gradient, transfers, value_specs
 from runtime.data import DataSource
@@ -118,6 +120,8 @@ PROG = "simulate_vs_measured"
 LOSS = "cross_entropy"
 LR = 0.01
 TARGET = 0.15
+PROBE_WIDTH = 8
+"""Features of the model whose run measures the runtime's own cost per action."""
 CALIBRATION = ("gpipe", "1f1b")
 """The synchronous schedules whose measured runs calibrate the other schedules' predictions."""
 TIMING_REPEATS = 20
@@ -379,6 +383,58 @@ def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
     return StageCosts(forward, backward, steps, comm, loss, tied_ms, forward_extra, backward_extra)
 
 
+@dataclass(frozen=True)
+class RuntimeCosts:
+    """What the runtime spends on an action beyond computing the stage and posting its
+    messages (building its arguments, the loop, the trace, the time between actions), ms."""
+
+    forward_ms: float
+    backward_ms: float
+    step_ms: float
+
+
+def probe_runtime(
+    args: argparse.Namespace, threads: int, scratch: Path, link: Link
+) -> RuntimeCosts:
+    """The runtime's own cost per action here: ``--stages`` stages of a model that computes
+    next to nothing (``PROBE_WIDTH``-wide linear layers), trained under 1f1b as the models
+    are, its actions as the run met them (``run_costs``) less what the prediction charges
+    anyway: posting their messages, the last stage's loss, each step's update. Averaged over
+    the stages, so that any file's stages (wpipe's too) can take them."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(PROBE_WIDTH, PROBE_WIDTH) for _ in range(2 * args.stages)]
+    path = scratch / "runtime_probe.py"
+    microbatch = args.batch_size // args.microbatches
+    example = (torch.randn(microbatch, PROBE_WIDTH),)
+    autopipe.compile(nn.Sequential(*layers), example, args.stages, output=path, analysis=False)
+    measure(path, "1f1b", args, threads, scratch / "runtime_probe.json")
+    found = run_costs(scratch / "runtime_probe.json", args.stages, args)
+    generated = load_generated(path)
+    pipeline = generated.PIPELINE
+    posts = posting_costs(
+        pipeline, microbatch_share(pipeline, args.microbatches, args.batch_size), link
+    )
+    backward = [ms - posted for ms, posted in zip(found.backward_ms, posts.backward_ms)]
+    backward[-1] -= loss_ms(pipeline, microbatch)
+    steps = [ms - step_ms(generated, stage) for stage, ms in enumerate(found.step_ms)]
+    forward = [ms - posted for ms, posted in zip(found.forward_ms, posts.forward_ms)]
+    return RuntimeCosts(
+        *(max(statistics.mean(values), 0.0) for values in (forward, backward, steps))
+    )
+
+
+def with_runtime(costs: StageCosts, runtime: RuntimeCosts) -> StageCosts:
+    """``costs`` with the runtime's own cost added to every action."""
+    return replace(
+        costs,
+        forward_ms=[ms + runtime.forward_ms for ms in costs.forward_ms],
+        backward_ms=[ms + runtime.backward_ms for ms in costs.backward_ms],
+        step_ms=[ms + runtime.step_ms for ms in costs.step_ms],
+        forward_extra_ms=[ms + runtime.forward_ms for ms in costs.forward_extra_ms],
+        backward_extra_ms=[ms + runtime.backward_ms for ms in costs.backward_extra_ms],
+    )
+
+
 def timed_together(
     path: Path, costs: StageCosts, args: argparse.Namespace, threads: int
 ) -> tuple[StageCosts, dict[str, Any]]:
@@ -574,7 +630,12 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def benchmark_model(
-    model: str, args: argparse.Namespace, threads: int, scratch: Path, link: Link
+    model: str,
+    args: argparse.Namespace,
+    threads: int,
+    scratch: Path,
+    link: Link,
+    runtime: RuntimeCosts,
 ) -> list[Row]:
     """Generate and profile ``model``, then predict and measure every schedule."""
     paths = {False: generate(model, args, threads, scratch)}
@@ -586,7 +647,9 @@ def benchmark_model(
             print(f"{model}: no wpipe row, it ties weights across stages, which wpipe cannot run")
             schedules.remove("wpipe")
             del paths[True]
-    every_costs = {wpipe: stage_costs(path, args, link) for wpipe, path in paths.items()}
+    every_costs = {
+        wpipe: with_runtime(stage_costs(path, args, link), runtime) for wpipe, path in paths.items()
+    }
     asynchronous = any(name in ASYNC_SCHEDULES for name in schedules)
     every_versions = {
         wpipe: version_costs(path, args) if asynchronous else None for wpipe, path in paths.items()
@@ -750,6 +813,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--bw", type=float, default=None, help="link GB/s (default: gloo's here, probed)"
     )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS (default cores // stages)")
+    parser.add_argument(
+        "--no_runtime_probe",
+        action="store_true",
+        help="charge nothing for the runtime's own cost per action (not probed)",
+    )
     parser.add_argument("--trace_dir", help="write predicted and measured traces side by side")
     parser.add_argument("--trace_schedule", choices=SCHEDULE_NAMES, default="1f1b")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per subprocess")
@@ -784,11 +852,20 @@ def main() -> None:
             ),
             flush=True,
         )
-        print(HEADER)
         rows = []
         with tempfile.TemporaryDirectory(prefix=f"{PROG}_") as scratch:
+            runtime = RuntimeCosts(0.0, 0.0, 0.0)
+            if not args.no_runtime_probe:
+                runtime = probe_runtime(args, threads, Path(scratch), link)
+            print(
+                f"runtime: {runtime.forward_ms:.3f} ms a forward, {runtime.backward_ms:.3f} a "
+                f"backward, {runtime.step_ms:.3f} a step beyond computing and posting"
+                + (" (not probed)" if args.no_runtime_probe else " (probed)"),
+                flush=True,
+            )
+            print(HEADER)
             for model in args.models:
-                rows += benchmark_model(model, args, threads, Path(scratch), link)
+                rows += benchmark_model(model, args, threads, Path(scratch), link, runtime)
     except BenchmarkError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
