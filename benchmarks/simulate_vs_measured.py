@@ -17,17 +17,21 @@ not recompute), then for each schedule:
   time too, and gloo writes a send's bytes out before ``isend`` returns: each stage's forward
   and backward pay for posting their sends (a fixed cost and the bytes at the probed writing
   rate) and receives, and the part of a transfer its sender spent writing comes off the link's
-  delay;
-  An asynchronous schedule computes with weight versions, which cost time a synchronous one
+  delay. The runtime spends time of its own on each action beyond computing and posting
+  (building the arguments, the loop, the backward call, the time between actions): it is
+  probed once by training, under 1f1b, P stages of a model that computes next to nothing
+  (``probe_runtime``; ``--no_runtime_probe`` leaves it out) and charged to every forward,
+  backward and step. An asynchronous schedule computes with weight versions, which cost time a synchronous one
   does not spend: each stage's forward and backward pay for swapping a version in, its
   recorded forwards' share (``forwards_to_record`` of the stage's actions) for recording saved
   parameters, and its steps that keep a version for copying it, all timed on the stage in
   this process as ``version_overhead.py`` times them;
 - measured: ``torchrun --nproc_per_node P -m runtime --device cpu --trace`` (gloo) for
-  ``--steps`` batches;
+  ``--steps`` batches; with ``--repeats R``, R runs of each, every schedule in turn in each
+  round so that the machine's drift falls on them alike, and the median run counts;
 - predicted with the stages timed together: the same, but each stage's forward and backward as
   ``stage_times.py`` times them, whole, with all P processes computing at once (plus posting
-  its messages). The profile is
+  its messages and the runtime's own cost). The profile is
   taken with the machine to itself; side by side the processes share its memory bandwidth,
   caches and cores, and this column shows how much of the error that accounts for;
 - calibrated: the same again, but each stage's forward, backward and step as the measured run
@@ -119,6 +123,9 @@ from runtime.weights import forwards_to_record, versions_to_keep
 PROG = "simulate_vs_measured"
 LOSS = "cross_entropy"
 LR = 0.01
+MOMENTUM = 0.9
+"""SGD with momentum, as PipeOptim is meant to run: its forwards write weights predicted along
+the momentum (without momentum there is no direction, and nothing to write)."""
 TARGET = 0.15
 PROBE_WIDTH = 8
 """Features of the model whose run measures the runtime's own cost per action."""
@@ -243,7 +250,7 @@ def step_ms(generated: ModuleType, index: int) -> float:
     """Stage ``index``'s SGD step and gradient clearing, as the runtime's step runs them."""
     stage = generated.build_stage(index)
     parameters = [p for p in stage.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=LR)
+    optimizer = torch.optim.SGD(parameters, lr=LR, momentum=MOMENTUM)
 
     def fill_gradients() -> None:
         for parameter in parameters:
@@ -566,7 +573,8 @@ def measure(path: Path, name: str, args: argparse.Namespace, threads: int, trace
         *("--nproc_per_node", str(args.stages), "-m", "runtime", "--model", str(path)),
         *("--schedule", name, "--microbatches", str(args.microbatches)),
         *("--batch_size", str(args.batch_size), "--steps", str(args.steps)),
-        *("--optimizer", "sgd", "--lr", str(LR), "--loss", LOSS, "--device", "cpu"),
+        *("--optimizer", "sgd", "--lr", str(LR), "--momentum", str(MOMENTUM)),
+        *("--loss", LOSS, "--device", "cpu"),
         *("--no_progress", "--trace", str(trace)),
     ]
     run_quietly(command, threads, args.timeout, f"the runtime with {name}")
@@ -611,7 +619,7 @@ def write_side_by_side(timeline: Timeline, measured: Path, destination: Path) ->
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject flags that cannot make a run, before any work."""
-    for flag in ("stages", "microbatches", "batch_size", "steps", "sim_steps"):
+    for flag in ("stages", "microbatches", "batch_size", "steps", "sim_steps", "repeats"):
         if getattr(args, flag) < 1:
             raise BenchmarkError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.batch_size % args.microbatches:
@@ -693,10 +701,13 @@ def benchmark_model(
                 )
             )
             print(f"{model}{which}: weight versions add (ms, swapped/recorded) {shown}")
-    runs: dict[str, tuple[float, Path]] = {}
-    for name in schedules:
-        trace = scratch / f"{model}_{name}.json"
-        runs[name] = measure(paths[name == "wpipe"], name, args, threads, trace), trace
+    # rounds of every schedule in turn, so that the machine drifting affects them alike
+    found: dict[str, list[tuple[float, Path]]] = {name: [] for name in schedules}
+    for round_ in range(args.repeats):
+        for name in schedules:
+            trace = scratch / f"{model}_{name}_{round_}.json"
+            found[name].append((measure(paths[name == "wpipe"], name, args, threads, trace), trace))
+    runs = {name: median_run(rounds) for name, rounds in found.items()}
     rows = []
     for name in schedules:
         path, costs = paths[name == "wpipe"], every_costs[name == "wpipe"]
@@ -738,6 +749,11 @@ def benchmark_model(
             write_side_by_side(timeline, trace, destination)
             print(f"  wrote {destination} (predicted: process 0, measured: process 1)")
     return rows
+
+
+def median_run(rounds: list[tuple[float, Path]]) -> tuple[float, Path]:
+    """The median round's time per batch and trace (the lower middle one of an even count)."""
+    return sorted(rounds)[(len(rounds) - 1) // 2]
 
 
 def run_costs(trace: Path, n_stages: int, args: argparse.Namespace) -> MeasuredCosts:
@@ -801,6 +817,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=60, help="batches the runtime trains")
     parser.add_argument("--warmup", type=int, default=10, help="measured batches left out")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every schedule, in rounds; the median run counts (default 1)",
+    )
     parser.add_argument("--sim_steps", type=int, default=8, help="batches simulated")
     parser.add_argument(
         "--profile_at",
