@@ -182,7 +182,7 @@ class SendWaiter:
             except BaseException as error:  # handed to the caller of add or wait
                 self._error = error
             finally:
-                item = None
+                item = None  # the work and its tensor go now, not after the next get
                 self._queue.task_done()
 
 

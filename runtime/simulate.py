@@ -664,7 +664,10 @@ def measured_costs(
 
     size = trace.get("otherData", {}).get("microbatch_size")
     return MeasuredCosts(
-        *([charged(stage, kind) for stage in range(n_stages)] for kind in KIND_NAMES.values()),
+        *(
+            [charged(stage, kind) for stage in range(n_stages)]
+            for kind in ("forward", "backward", "step")
+        ),
         mean_between,
         None if size is None else int(size),
     )
