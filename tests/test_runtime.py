@@ -248,17 +248,22 @@ def test_receive_buffers_take_the_microbatch_size() -> None:
     assert buffer_for(spec, 2, torch.device("cpu")).shape == (8, 2, 3)
 
 
+def _two_stages() -> dict[str, Any]:
+    """Stage 0 turns model input x into h (4 x 3), which stage 1 takes."""
+    x, h = _spec(None, [0], [4, 3]), _spec(0, [1], [4, 3])
+    return {
+        "stages": [
+            {"inputs": ["x"], "outputs": ["h"], "values": {"x": x, "h": h}},
+            {"inputs": ["h"], "outputs": [], "values": {"h": h}},
+        ]
+    }
+
+
 def _exchange(rank: int, port: int, separate: bool, results: Any) -> None:
     """Rank 0 sends a value to rank 1 and gets its gradient back, over the given channels."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        x, h = _spec(None, [0], [4, 3]), _spec(0, [1], [4, 3])
-        pipeline = {
-            "stages": [
-                {"inputs": ["x"], "outputs": ["h"], "values": {"x": x, "h": h}},
-                {"inputs": ["h"], "outputs": [], "values": {"h": h}},
-            ]
-        }
+        pipeline = _two_stages()
         layout = Layout((1, 1))
         channels = make_channels(pipeline, layout, separate)
         comm = StageComm(pipeline, layout, rank, torch.device("cpu"), channels)
@@ -282,13 +287,7 @@ def _stream(rank: int, port: int, results: Any) -> None:
     rank 1 has them all, it reports how many sends it still holds, a while after."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        x, h = _spec(None, [0], [4, 3]), _spec(0, [1], [4, 3])
-        pipeline = {
-            "stages": [
-                {"inputs": ["x"], "outputs": ["h"], "values": {"x": x, "h": h}},
-                {"inputs": ["h"], "outputs": [], "values": {"h": h}},
-            ]
-        }
+        pipeline = _two_stages()
         layout = Layout((1, 1))
         channels = make_channels(pipeline, layout, separate=False)
         comm = StageComm(pipeline, layout, rank, torch.device("cpu"), channels, send_waiter=True)
