@@ -189,9 +189,11 @@ class SendWaiter:
 class StageComm:
     """The sends and receives of one stage, forward (values) and backward (their gradients).
 
-    With ``send_waiter`` (gloo) a :class:`SendWaiter` waits for the sends in the background;
-    without it (NCCL, whose sends say when they have completed) sends are kept until a later
-    send finds them completed or :meth:`wait_sends` waits for them."""
+    Each send is kept with its tensor until it completes. NCCL's sends say when they have
+    (``query_sends``), and a later send lets the completed ones go. gloo's never say so: they
+    are kept until :meth:`wait_sends` (a synchronous schedule's, at the end of each step), or,
+    with ``send_waiter`` (an asynchronous run, which waits only at its end), a
+    :class:`SendWaiter` lets each go as it lands."""
 
     def __init__(
         self,
@@ -204,9 +206,11 @@ class StageComm:
         mailbox: dict[tuple[str, int, int], torch.Tensor] | None = None,
         post_ahead: bool = True,
         send_waiter: bool = False,
+        query_sends: bool = True,
     ) -> None:
         self.rank = rank
         self.post_ahead = post_ahead
+        self.query_sends = query_sends
         self.layout = layout
         self.device = device
         self.specs = value_specs(pipeline)
@@ -237,7 +241,7 @@ class StageComm:
 
     def _post_sends(self, sends: list[tuple[torch.Tensor, int, Any, int]]) -> None:
         """Post every (tensor, dst, group, tag) send without waiting."""
-        if sends and self._waiter is None:
+        if sends and self.query_sends and self._waiter is None:
             self._release_completed()
         for tensor, dst, group, tag in sends:
             work = dist.isend(tensor, dst, group=group, tag=tag)

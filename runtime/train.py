@@ -408,7 +408,8 @@ def _build_executors(
             pipeline,
             *(layout, rank, device, channels, index, mailbox),
             post_ahead=not nccl,
-            send_waiter=not nccl,
+            send_waiter=not nccl and config.schedule in ASYNC_SCHEDULES,
+            query_sends=nccl,
         )
         executors[index] = Executor(
             pipeline,
