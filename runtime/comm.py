@@ -12,9 +12,8 @@ channel in the same order (schedule order, then PIPELINE order), so every channe
 one sender and one receiver (on gloo, whose sends never wait, all channels share the default
 group). Where a stage has replicas (:mod:`runtime.layout`), channels join ranks, not stages: a
 microbatch's values go from the rank that runs it on one stage to the rank that runs it on the
-next. Sends are asynchronous, each kept with its tensor until it completes (on gloo a thread
-of the rank waits for them, :class:`SendWaiter`) or :meth:`StageComm.wait_sends`; a receive
-blocks only its own rank. With NCCL, where a send does
+next. Sends are asynchronous, each kept with its tensor until it completes (see
+:class:`StageComm`); a receive blocks only its own rank. With NCCL, where a send does
 not complete until its receive is posted, a pending send therefore holds up only later sends on
 its own channel, never a receive or another channel, and a schedule that is deadlock-free when
 sends never block (what :meth:`runtime.schedule.Schedule.validate` checks) runs without deadlock.
