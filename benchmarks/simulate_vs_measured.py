@@ -67,6 +67,7 @@ share of the machine it has when the P processes run side by side.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -242,7 +243,7 @@ def data_ms(path: Path, pipeline: dict[str, Any], batch_size: int) -> tuple[floa
     the first rank reads, and its labels, which the last reads (the profile leaves both out)."""
     config = TrainConfig(model=str(path), batch_size=batch_size, microbatches=1, steps=1)
     data = DataSource(config, pipeline)
-    step = iter(range(10**9))
+    step = itertools.count()
     return median_ms(lambda: data.inputs(next(step))), median_ms(lambda: data.labels(next(step)))
 
 
@@ -275,8 +276,9 @@ class StageCosts:
     tied_ms: tuple[float, ...]
     forward_extra_ms: list[float]
     """The part of ``forward_ms`` the runtime adds to computing the stage: posting its
-    messages, and on the first stage its share of reading the batch's inputs; the same for
-    the backward (the last stage's labels; its loss is ``loss_ms``)."""
+    messages, its own cost per action (``RuntimeCosts``), and on the first stage its share of
+    reading the batch's inputs; the same for the backward (the last stage's labels; its loss
+    is ``loss_ms``)."""
     backward_extra_ms: list[float]
 
 
@@ -358,7 +360,19 @@ def posting_costs(pipeline: dict[str, Any], share: float, link: Link) -> Posts:
     return posts
 
 
-def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
+@dataclass(frozen=True)
+class RuntimeCosts:
+    """What the runtime spends on an action beyond computing the stage and posting its
+    messages (building its arguments, the loop, the trace, the time between actions), ms."""
+
+    forward_ms: float
+    backward_ms: float
+    step_ms: float
+
+
+def stage_costs(
+    path: Path, args: argparse.Namespace, link: Link, runtime: RuntimeCosts
+) -> StageCosts:
     """The file's costs scaled to one microbatch of the run, the loss added to the last stage's
     backward, and each stage's step."""
     generated = load_generated(path)
@@ -379,25 +393,19 @@ def stage_costs(path: Path, args: argparse.Namespace, link: Link) -> StageCosts:
     # a step's batch is read in its first microbatch: each pays its share on average
     forward_extra[MODEL_INPUT_SOURCE] += inputs / args.microbatches
     backward_extra[-1] += labels / args.microbatches
+    forward_extra = [ms + runtime.forward_ms for ms in forward_extra]
+    backward_extra = [ms + runtime.backward_ms for ms in backward_extra]
     forward = [ms + extra for ms, extra in zip(costs.forward_ms, forward_extra)]
     backward = [ms + extra for ms, extra in zip(costs.backward_ms, backward_extra)]
     backward[-1] += loss
-    steps = [step_ms(generated, index) for index in range(len(pipeline["stages"]))]
+    steps = [
+        step_ms(generated, index) + runtime.step_ms for index in range(len(pipeline["stages"]))
+    ]
     tied_ms = tuple(
         ms + 2 * (len(group) - 1) * link.latency_ms
         for group, ms in zip(costs.tied_stages, costs.tied_ms)
     )
     return StageCosts(forward, backward, steps, comm, loss, tied_ms, forward_extra, backward_extra)
-
-
-@dataclass(frozen=True)
-class RuntimeCosts:
-    """What the runtime spends on an action beyond computing the stage and posting its
-    messages (building its arguments, the loop, the trace, the time between actions), ms."""
-
-    forward_ms: float
-    backward_ms: float
-    step_ms: float
 
 
 def probe_runtime(
@@ -427,18 +435,6 @@ def probe_runtime(
     forward = [ms - posted for ms, posted in zip(found.forward_ms, posts.forward_ms)]
     return RuntimeCosts(
         *(max(statistics.mean(values), 0.0) for values in (forward, backward, steps))
-    )
-
-
-def with_runtime(costs: StageCosts, runtime: RuntimeCosts) -> StageCosts:
-    """``costs`` with the runtime's own cost added to every action."""
-    return replace(
-        costs,
-        forward_ms=[ms + runtime.forward_ms for ms in costs.forward_ms],
-        backward_ms=[ms + runtime.backward_ms for ms in costs.backward_ms],
-        step_ms=[ms + runtime.step_ms for ms in costs.step_ms],
-        forward_extra_ms=[ms + runtime.forward_ms for ms in costs.forward_extra_ms],
-        backward_extra_ms=[ms + runtime.backward_ms for ms in costs.backward_extra_ms],
     )
 
 
@@ -655,9 +651,7 @@ def benchmark_model(
             print(f"{model}: no wpipe row, it ties weights across stages, which wpipe cannot run")
             schedules.remove("wpipe")
             del paths[True]
-    every_costs = {
-        wpipe: with_runtime(stage_costs(path, args, link), runtime) for wpipe, path in paths.items()
-    }
+    every_costs = {wpipe: stage_costs(path, args, link, runtime) for wpipe, path in paths.items()}
     asynchronous = any(name in ASYNC_SCHEDULES for name in schedules)
     every_versions = {
         wpipe: version_costs(path, args) if asynchronous else None for wpipe, path in paths.items()
@@ -708,6 +702,10 @@ def benchmark_model(
             trace = scratch / f"{model}_{name}_{round_}.json"
             found[name].append((measure(paths[name == "wpipe"], name, args, threads, trace), trace))
     runs = {name: median_run(rounds) for name, rounds in found.items()}
+    met = {
+        name: run_costs(trace, len(every_costs[name == "wpipe"].forward_ms), args)
+        for name, (_, trace) in runs.items()
+    }
     rows = []
     for name in schedules:
         path, costs = paths[name == "wpipe"], every_costs[name == "wpipe"]
@@ -715,14 +713,13 @@ def benchmark_model(
         timeline = predict(path, costs, name, args, versions)
         side_by_side = predict(path, together[name == "wpipe"], name, args, versions)
         measured, trace = runs[name]
-        own = run_costs(trace, len(costs.forward_ms), args)
+        own = met[name]
         replay = predict(path, from_run(costs, own), name, args)
         reference = calibration_run(name, list(runs))
         calibrated = None
         if reference is not None:
-            theirs = run_costs(runs[reference][1], len(costs.forward_ms), args)
             # the calibrating run is synchronous: an asynchronous schedule adds its versions
-            calibrated = predict(path, from_run(costs, theirs), name, args, versions)
+            calibrated = predict(path, from_run(costs, met[reference]), name, args, versions)
         row = Row(
             model,
             name,
