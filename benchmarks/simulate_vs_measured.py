@@ -6,32 +6,34 @@ not recompute), then for each schedule:
 
 - predicted: the file's stage costs for one microbatch, simulated over ``--sim_steps`` batches
   (a synchronous schedule's action lists run once per batch, an asynchronous one without a
-  flush), plus costs the graph's profile leaves out and that are measured here in the same
-  way as the profile, with the same threads: the loss (forward and backward), which the last
-  stage computes in each backward, each stage's optimizer step, and reading a batch of the
-  runtime's synthetic data (the first stage's inputs, the last one's labels), shared out over
-  the batch's microbatches. Transfers are priced as
-  gloo makes them between two processes here (``link_probe.py``: a fixed cost per message and
-  a bandwidth, also used for the all-reduce of weights tied across stages before each step,
-  2 (k - 1) messages for k stages), or at ``--bw`` GB/s. Posting a message takes the poster's
-  time too, and gloo writes a send's bytes out before ``isend`` returns: each stage's forward
-  and backward pay for posting their sends (a fixed cost and the bytes at the probed writing
-  rate) and receives, and the part of a transfer its sender spent writing comes off the link's
-  delay. The runtime spends time of its own on each action beyond computing and posting
-  (building the arguments, the loop, the backward call, the time between actions): it is
-  probed once by training, under 1f1b, P stages of a model that computes next to nothing
-  (``probe_runtime``; ``--no_runtime_probe`` leaves it out) and charged to every forward,
-  backward and step. An asynchronous schedule computes with weight versions, which cost time a synchronous one
-  does not spend: each stage's forward and backward pay for swapping a version in, its
-  recorded forwards' share (``forwards_to_record`` of the stage's actions) for recording saved
-  parameters, and its steps that keep a version for copying it, all timed on the stage in
-  this process as ``version_overhead.py`` times them;
+  flush), plus what the graph's profile leaves out, measured here with the same threads:
+  - what the runtime adds to each stage's forward and backward (``probe_runtime``): reading
+    the data, posting and receiving the stage's messages, the loss on the last stage, its own
+    cost per action (building the arguments, the loop, the backward call, the time between
+    actions). These are timed by training the file's hollow double (``hollow.py``: the same
+    messages, data and loss; each stage's forward and backward working as long as the profile
+    says the file's stage computes, so that the processes load the machine as the file's run
+    does) under 1f1b (wpipe's file under wpipe), each stage's actions as that run met them
+    less what the hollow stage's took alone. With ``--no_runtime_probe`` they are modelled
+    instead: posting each message (a fixed cost, and a send's bytes at the probed writing
+    rate), the loss, and reading the data, each timed in this process;
+  - each stage's optimizer step, plus what the runtime adds to a step in the double's run;
+  - transfers as gloo makes them between two processes here (``link_probe.py``: a fixed cost
+    per message and a bandwidth, also used for the all-reduce of weights tied across stages
+    before each step, 2 (k - 1) messages for k stages), or at ``--bw`` GB/s; gloo writes a
+    send's bytes out before ``isend`` returns, so the part of a transfer its sender spent
+    writing comes off the link's delay;
+  - an asynchronous schedule's weight versions, which cost time a synchronous one does not
+    spend: each stage's forward and backward pay for swapping a version in, its recorded
+    forwards' share (``forwards_to_record`` of the stage's actions) for recording saved
+    parameters, and its steps that keep a version for copying it, all timed on the stage in
+    this process as ``version_overhead.py`` times them;
 - measured: ``torchrun --nproc_per_node P -m runtime --device cpu --trace`` (gloo) for
   ``--steps`` batches; with ``--repeats R``, R runs of each, every schedule in turn in each
   round so that the machine's drift falls on them alike, and the median run counts;
 - predicted with the stages timed together: the same, but each stage's forward and backward as
-  ``stage_times.py`` times them, whole, with all P processes computing at once (plus posting
-  its messages and the runtime's own cost). The profile is
+  ``stage_times.py`` times them, whole, with all P processes computing at once (plus what
+  the runtime adds, as above). The profile is
   taken with the machine to itself; side by side the processes share its memory bandwidth,
   caches and cores, and this column shows how much of the error that accounts for;
 - calibrated: the same again, but each stage's forward, backward and step as the measured run
@@ -85,12 +87,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch
+from hollow import write_hollow
 from launch import BenchmarkError, run_measured
 from stage_times import stage_inputs, synthetic_inputs
-from torch import nn
 from version_overhead import time_stage
 
-import autopipe
 from autopipe.tasks import FAMILIES
 from runtime.comm import MODEL_INPUT_SOURCE, carries_gradient, transfers, value_specs
 from runtime.data import DataSource
@@ -128,8 +129,6 @@ MOMENTUM = 0.9
 """SGD with momentum, as PipeOptim is meant to run: its forwards write weights predicted along
 the momentum (without momentum there is no direction, and nothing to write)."""
 TARGET = 0.15
-PROBE_WIDTH = 8
-"""Features of the model whose run measures the runtime's own cost per action."""
 CALIBRATION = ("gpipe", "1f1b")
 """The synchronous schedules whose measured runs calibrate the other schedules' predictions."""
 TIMING_REPEATS = 20
@@ -275,10 +274,9 @@ class StageCosts:
     loss_ms: float
     tied_ms: tuple[float, ...]
     forward_extra_ms: list[float]
-    """The part of ``forward_ms`` the runtime adds to computing the stage: posting its
-    messages, its own cost per action (``RuntimeCosts``), and on the first stage its share of
-    reading the batch's inputs; the same for the backward (the last stage's labels; its loss
-    is ``loss_ms``)."""
+    """The part of ``forward_ms`` the runtime adds to computing the stage (``RuntimeCosts``,
+    or modelled); the same for the backward, the last stage's loss included (``loss_ms`` is
+    shown, not charged again)."""
     backward_extra_ms: list[float]
 
 
@@ -362,19 +360,22 @@ def posting_costs(pipeline: dict[str, Any], share: float, link: Link) -> Posts:
 
 @dataclass(frozen=True)
 class RuntimeCosts:
-    """What the runtime spends on an action beyond computing the stage and posting its
-    messages (building its arguments, the loop, the trace, the time between actions), ms."""
+    """What the runtime adds, per stage, to computing the stage in an action (ms): reading the
+    data, posting and receiving its messages as they go in a running pipeline, the loss on the
+    last stage, its own cost (building the arguments, the loop, the backward call, the time
+    between actions); to a step, all but the update itself."""
 
-    forward_ms: float
-    backward_ms: float
-    step_ms: float
+    forward_ms: list[float]
+    backward_ms: list[float]
+    step_ms: list[float]
 
 
 def stage_costs(
-    path: Path, args: argparse.Namespace, link: Link, runtime: RuntimeCosts
+    path: Path, args: argparse.Namespace, link: Link, runtime: RuntimeCosts | None
 ) -> StageCosts:
-    """The file's costs scaled to one microbatch of the run, the loss added to the last stage's
-    backward, and each stage's step."""
+    """The file's costs scaled to one microbatch of the run, with what the runtime adds to each
+    stage's actions: probed (``runtime``), or, with None, modelled as posting the messages, the
+    loss in the last stage's backward and reading the data."""
     generated = load_generated(path)
     pipeline = generated.PIPELINE
     tied = tied_parameter_bytes(generated)
@@ -388,19 +389,20 @@ def stage_costs(
         if posts.messages[pair]
     }
     loss = loss_ms(pipeline, args.batch_size // args.microbatches)
-    inputs, labels = data_ms(path, pipeline, args.batch_size)
-    forward_extra, backward_extra = list(posts.forward_ms), list(posts.backward_ms)
-    # a step's batch is read in its first microbatch: each pays its share on average
-    forward_extra[MODEL_INPUT_SOURCE] += inputs / args.microbatches
-    backward_extra[-1] += labels / args.microbatches
-    forward_extra = [ms + runtime.forward_ms for ms in forward_extra]
-    backward_extra = [ms + runtime.backward_ms for ms in backward_extra]
+    n_stages = len(pipeline["stages"])
+    if runtime is None:
+        inputs, labels = data_ms(path, pipeline, args.batch_size)
+        forward_extra, backward_extra = list(posts.forward_ms), list(posts.backward_ms)
+        # a step's batch is read in its first microbatch: each pays its share on average
+        forward_extra[MODEL_INPUT_SOURCE] += inputs / args.microbatches
+        backward_extra[-1] += labels / args.microbatches + loss
+        step_extra = [0.0] * n_stages
+    else:
+        forward_extra, backward_extra = list(runtime.forward_ms), list(runtime.backward_ms)
+        step_extra = list(runtime.step_ms)
     forward = [ms + extra for ms, extra in zip(costs.forward_ms, forward_extra)]
     backward = [ms + extra for ms, extra in zip(costs.backward_ms, backward_extra)]
-    backward[-1] += loss
-    steps = [
-        step_ms(generated, index) + runtime.step_ms for index in range(len(pipeline["stages"]))
-    ]
+    steps = [step_ms(generated, index) + step_extra[index] for index in range(n_stages)]
     tied_ms = tuple(
         ms + 2 * (len(group) - 1) * link.latency_ms
         for group, ms in zip(costs.tied_stages, costs.tied_ms)
@@ -409,32 +411,41 @@ def stage_costs(
 
 
 def probe_runtime(
-    args: argparse.Namespace, threads: int, scratch: Path, link: Link
+    path: Path, args: argparse.Namespace, threads: int, scratch: Path, wpipe: bool = False
 ) -> RuntimeCosts:
-    """The runtime's own cost per action here: ``--stages`` stages of a model that computes
-    next to nothing (``PROBE_WIDTH``-wide linear layers), trained under 1f1b as the models
-    are, its actions as the run met them (``run_costs``) less what the prediction charges
-    anyway: posting their messages, the last stage's loss, each step's update. Averaged over
-    the stages, so that any file's stages (wpipe's too) can take them."""
-    torch.manual_seed(0)
-    layers = [nn.Linear(PROBE_WIDTH, PROBE_WIDTH) for _ in range(2 * args.stages)]
-    path = scratch / "runtime_probe.py"
-    microbatch = args.batch_size // args.microbatches
-    example = (torch.randn(microbatch, PROBE_WIDTH),)
-    autopipe.compile(nn.Sequential(*layers), example, args.stages, output=path, analysis=False)
-    measure(path, "1f1b", args, threads, scratch / "runtime_probe.json")
-    found = run_costs(scratch / "runtime_probe.json", args.stages, args)
+    """What the runtime adds to each stage of ``path`` here, under the load of the file's own
+    run: its hollow double (``hollow.py``: the same messages, data and loss, each stage's
+    forward and backward working as long as the profile says the file's compute), trained under
+    1f1b (wpipe for wpipe's file, which no other schedule runs), each stage's actions as the
+    run met them (``run_costs``) less what the hollow stage's took alone."""
     generated = load_generated(path)
     pipeline = generated.PIPELINE
-    posts = posting_costs(
-        pipeline, microbatch_share(pipeline, args.microbatches, args.batch_size), link
+    profiled = costs_from_pipeline(
+        pipeline, None, args.microbatches, args.batch_size, tied_parameter_bytes(generated)
     )
-    backward = [ms - posted for ms, posted in zip(found.backward_ms, posts.backward_ms)]
-    backward[-1] -= loss_ms(pipeline, microbatch)
-    steps = [ms - step_ms(generated, stage) for stage, ms in enumerate(found.step_ms)]
-    forward = [ms - posted for ms, posted in zip(found.forward_ms, posts.forward_ms)]
+    busy = list(zip(profiled.forward_ms, profiled.backward_ms))
+    double = write_hollow(path, scratch / f"{path.stem}_hollow.py", busy)
+    trace = scratch / f"{path.stem}_hollow.json"
+    measure(double, "wpipe" if wpipe else "1f1b", args, threads, trace)
+    hollow = load_generated(double)
+    n_stages = len(pipeline["stages"])
+    found = run_costs(trace, n_stages, args)
+    microbatch = args.batch_size // args.microbatches
+    model_inputs = synthetic_inputs(double, hollow.PIPELINE, microbatch)
+    alone = [
+        time_stage(
+            hollow,
+            stage,
+            stage_inputs(hollow.PIPELINE, stage, model_inputs, microbatch),
+            VERSION_ROUNDS,
+        )["plain"]
+        for stage in range(n_stages)
+    ]
     return RuntimeCosts(
-        *(max(statistics.mean(values), 0.0) for values in (forward, backward, steps))
+        *(
+            [max(ms - own[kind], 0.0) for ms, own in zip(met, alone)]
+            for kind, met in enumerate((found.forward_ms, found.backward_ms, found.step_ms))
+        )
     )
 
 
@@ -455,7 +466,6 @@ def timed_together(
     together = found["together"]
     forward = [ms + extra for ms, extra in zip(together["forward_ms"], costs.forward_extra_ms)]
     backward = [ms + extra for ms, extra in zip(together["backward_ms"], costs.backward_extra_ms)]
-    backward[-1] += costs.loss_ms
     return replace(costs, forward_ms=forward, backward_ms=backward), found
 
 
@@ -639,7 +649,6 @@ def benchmark_model(
     threads: int,
     scratch: Path,
     link: Link,
-    runtime: RuntimeCosts,
 ) -> list[Row]:
     """Generate and profile ``model``, then predict and measure every schedule."""
     paths = {False: generate(model, args, threads, scratch)}
@@ -651,7 +660,12 @@ def benchmark_model(
             print(f"{model}: no wpipe row, it ties weights across stages, which wpipe cannot run")
             schedules.remove("wpipe")
             del paths[True]
-    every_costs = {wpipe: stage_costs(path, args, link, runtime) for wpipe, path in paths.items()}
+    every_costs = {}
+    for wpipe, path in paths.items():
+        runtime = None
+        if not args.no_runtime_probe:
+            runtime = probe_runtime(path, args, threads, scratch, wpipe)
+        every_costs[wpipe] = stage_costs(path, args, link, runtime)
     asynchronous = any(name in ASYNC_SCHEDULES for name in schedules)
     every_versions = {
         wpipe: version_costs(path, args) if asynchronous else None for wpipe, path in paths.items()
@@ -669,6 +683,12 @@ def benchmark_model(
             f"{model}{which}: per microbatch (ms) {shown}; loss {costs.loss_ms:.2f} in the last B"
             + tied
         )
+        added = ", ".join(
+            f"stage {s}: F {f:.2f} B {b:.2f}"
+            for s, (f, b) in enumerate(zip(costs.forward_extra_ms, costs.backward_extra_ms))
+        )
+        source = "modelled" if args.no_runtime_probe else "its hollow double's run"
+        print(f"{model}{which}: of which the runtime adds ({source}, ms) {added}")
         whole = "; ".join(
             f"{mode} "
             + ", ".join(
@@ -835,7 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no_runtime_probe",
         action="store_true",
-        help="charge nothing for the runtime's own cost per action (not probed)",
+        help="model what the runtime adds to each action (posting its messages, the loss, "
+        "the data) instead of timing it on the file's hollow double",
     )
     parser.add_argument("--trace_dir", help="write predicted and measured traces side by side")
     parser.add_argument("--trace_schedule", choices=SCHEDULE_NAMES, default="1f1b")
@@ -873,18 +894,9 @@ def main() -> None:
         )
         rows = []
         with tempfile.TemporaryDirectory(prefix=f"{PROG}_") as scratch:
-            runtime = RuntimeCosts(0.0, 0.0, 0.0)
-            if not args.no_runtime_probe:
-                runtime = probe_runtime(args, threads, Path(scratch), link)
-            print(
-                f"runtime: {runtime.forward_ms:.3f} ms a forward, {runtime.backward_ms:.3f} a "
-                f"backward, {runtime.step_ms:.3f} a step beyond computing and posting"
-                + (" (not probed)" if args.no_runtime_probe else " (probed)"),
-                flush=True,
-            )
             print(HEADER)
             for model in args.models:
-                rows += benchmark_model(model, args, threads, Path(scratch), link, runtime)
+                rows += benchmark_model(model, args, threads, Path(scratch), link)
     except BenchmarkError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
