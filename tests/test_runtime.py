@@ -27,7 +27,6 @@ from runtime.comm import StageComm, Transfer, buffer_for, make_channels, transfe
 from runtime.executor import microbatch_sizes
 from runtime.layout import Layout
 
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120
 STEPS = 3
 LR = 0.1
