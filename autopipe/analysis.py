@@ -100,8 +100,8 @@ class Analysis:
         for index, (cost, replicas) in enumerate(zip(self.costs, self.replicas)):
             link = f"{self.links[index].send:g}" if index < len(self.costs) - 1 else "-"
             lines.append(
-                f"{index:>5} {cost.forward_ms:>9.2f} {cost.backward_ms:>9.2f} {cost.param_bytes / _MB:>10.2f} "
-                f"{cost.input_bytes / _MB:>8.2f} {cost.send_bytes / _MB:>8.2f} {cost.comm_ms:>8.2f} "
+                f"{index:>5} {_ms(cost.forward_ms):>9} {_ms(cost.backward_ms):>9} {cost.param_bytes / _MB:>10.2f} "
+                f"{cost.input_bytes / _MB:>8.2f} {cost.send_bytes / _MB:>8.2f} {_ms(cost.comm_ms):>8} "
                 f"{cost.memory_bytes / _GB:>10.3f}"
                 + (f" {replicas:>8}" if replicated else "")
                 + (f" {link:>9}" if linked else "")
@@ -110,11 +110,11 @@ class Analysis:
         for load in self.devices:
             lines.append(
                 f"device {load.device} runs stages {' and '.join(map(str, load.stages))}: "
-                f"{load.time_ms:.2f} ms per batch, memory {load.memory_bytes / _GB:.3f} GB"
+                f"{_ms(load.time_ms)} ms per batch, memory {load.memory_bytes / _GB:.3f} GB"
             )
         lines.append(
-            f"slowest stage {self.slowest_ms:.2f} ms per batch, lower bound {self.lower_bound_ms:.2f} ms "
-            f"(ratio {self.bound_ratio:.3f}); one device {self.single_device_ms:.2f} ms"
+            f"slowest stage {_ms(self.slowest_ms)} ms per batch, lower bound {_ms(self.lower_bound_ms)} ms "
+            f"(ratio {self.bound_ratio:.3f}); one device {_ms(self.single_device_ms)} ms"
         )
         for estimate in self.schedules:
             rate = (
@@ -123,10 +123,16 @@ class Analysis:
                 else ""
             )
             lines.append(
-                f"{estimate.schedule} with {self.microbatches} microbatches: {estimate.batch_ms:.2f} ms per batch"
+                f"{estimate.schedule} with {self.microbatches} microbatches: {_ms(estimate.batch_ms)} ms per batch"
                 f"{rate}, {estimate.speedup:.2f}x one device, peak memory {estimate.peak_memory_bytes / _GB:.3f} GB"
             )
         return "\n".join(lines)
+
+
+def _ms(ms: float) -> str:
+    """A time in ms as the tables print it: two decimals, or three significant digits under
+    0.1 ms, so that a small model's stages do not all read 0.00."""
+    return f"{ms:.2f}" if ms >= 0.1 or ms == 0 else f"{ms:.3g}"
 
 
 def pipeline_ms(

@@ -162,6 +162,19 @@ def test_wpipe_time_is_one_trip_through_the_stages_then_the_slowest_device() -> 
     assert analyse(costs, (1, 1), 1.0, CostModel(), batch_size=16).devices == []
 
 
+def test_a_small_models_times_keep_their_digits_in_the_table() -> None:
+    coarse = _chain()
+    for _, data in coarse.nodes(data=True):
+        data["forward_ms"] /= 1000
+        data["backward_ms"] /= 1000
+    model = CostModel(bandwidth=1e6)
+    costs = stage_costs(coarse, {0: 0, 1: 1, 2: 1}, 2, model)
+    rows = analyse(costs, (1, 1), 0.003, model, batch_size=16).table().splitlines()
+    assert rows[1].split()[1:3] == ["0.001", "0.002"]
+    assert rows[2].split()[1:3] == ["0.005", "0.01"]
+    assert "slowest stage 0.015" in rows[3] and "lower bound 0.003 ms" in rows[3]
+
+
 def test_replicated_stage_shares_compute_and_pays_the_all_reduce() -> None:
     model = CostModel(bandwidth=1.0)
     assert replicated_ms(8.0, 1.0, 1e6, 1, model) == 9.0
