@@ -8,9 +8,10 @@ over the down-sets D, the best slowest stage of k stages ending at D is
     best[k][D] = min over down-sets C inside D of max(best[k - 1][C], time(D - C)),
 
 an exact program where the graph has few down-sets (a chain of n units has n + 1, a residual
-network a few more per block). This prints that optimum over the lower bound
-max(total / p, costliest node) beside each method's, for zoo models with a flops profile and
-no memory limit, and checks the optimum's split with ``stage_costs``. Models with more than
+network a few more per block): ``autopipe.partitioning.downsets``, which ``acyclic`` also runs
+as one of its starts where the graph is small enough. This prints that optimum over the lower
+bound max(total / p, costliest node) beside each method's, for zoo models with a flops profile
+and no memory limit, the optimum priced by ``stage_costs``. Models with more than
 ``--max_downsets`` down-sets are skipped.
 
     python benchmarks/acyclic_optimum.py                       # p = 4, 300 GB/s and 12 GB/s
@@ -25,14 +26,15 @@ import sys
 from pathlib import Path
 
 import networkx as nx
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autopipe.cost import CostModel, lower_bound_ms, node_compute_ms, stage_costs
+from autopipe.cost import CostModel, lower_bound_ms, stage_costs
 from autopipe.graph import build_graph, contract, placement_groups, propagate_values
 from autopipe.partitioning import PartitionOptions, partition
+from autopipe.partitioning.acyclic import index_graph
+from autopipe.partitioning.downsets import downsets, fastest_split
 from autopipe.profile import annotate, profile
 from autopipe.tasks import FAMILIES, zoo_task
 from autopipe.trace import trace
@@ -42,87 +44,14 @@ DEFAULT_MODELS = [
 ]
 
 
-class TooManyDownsets(Exception):
-    pass
-
-
-def downsets(coarse: nx.DiGraph, nodes: list, cap: int) -> np.ndarray:
-    """Every down-set of ``coarse`` as a row of a (down-sets, nodes) boolean array, smallest
-    first; TooManyDownsets past ``cap``."""
-    index = {node: i for i, node in enumerate(nodes)}
-    needs = [sum(1 << index[u] for u in coarse.predecessors(node)) for node in nodes]
-    found, layer = [0], [0]
-    seen = {0}
-    while layer:
-        grown = []
-        for members in layer:
-            for i, need in enumerate(needs):
-                bigger = members | (1 << i)
-                if bigger != members and need & ~members == 0 and bigger not in seen:
-                    seen.add(bigger)
-                    grown.append(bigger)
-        if len(seen) > cap:
-            raise TooManyDownsets(len(seen))
-        found += grown
-        layer = grown
-    bits = np.array([[(members >> i) & 1 for i in range(len(nodes))] for members in found])
-    return bits.astype(bool)
-
-
-def stage_times(coarse: nx.DiGraph, nodes: list, sets: np.ndarray, model: CostModel) -> np.ndarray:
-    """time[c, d]: the time of the stage holding down-set d less down-set c, where c lies
-    inside d and differs from it; inf elsewhere."""
-    index = {node: i for i, node in enumerate(nodes)}
-    compute = sets @ np.array([node_compute_ms(coarse, n) for n in nodes])
-    consumers: dict[tuple[int, str], set[int]] = {}
-    for u, v, edge in coarse.edges(data=True):
-        for name in edge.get("values", ()):
-            consumers.setdefault((index[u], name), set()).add(index[v])
-    values = sorted(consumers)
-    weights = np.empty(len(values))
-    for k, (u, name) in enumerate(values):
-        nbytes, grad = coarse.nodes[nodes[u]].get("sends", {}).get(name, (0, False))
-        weights[k] = nbytes * (2 if grad else 1)
-    made = sets[:, [u for u, _ in values]].astype(float)  # value made inside the down-set
-    leaves = np.array([~sets[:, sorted(consumers[v])].all(axis=1) for v in values]).T
-    outgoing = made * leaves * weights  # bytes a down-set sends out of itself, per value
-    # a stage d - c sends what d sends out, less what c makes (c's nodes are not in the stage)
-    sent = outgoing.sum(axis=1)[None, :] - made @ outgoing.T
-    dense = sets.astype(np.float32)
-    inside = dense @ (~sets).astype(np.float32).T == 0  # inside[c, d]: c within d
-    np.fill_diagonal(inside, False)
-    times = compute[None, :] - compute[:, None] + model.transfer_ms(np.maximum(sent, 0.0))
-    return np.where(inside, times, np.inf)
-
-
-def optimum(
-    coarse: nx.DiGraph,
-    nodes: list,
-    sets: np.ndarray,
-    times: np.ndarray,
-    n_stages: int,
-    model: CostModel,
-) -> float:
-    """The best slowest stage over all acyclic splits into ``n_stages`` non-empty stages, from
-    the graph's down-sets ``sets`` and their ``stage_times``, checked against ``stage_costs``
-    on the split reaching it."""
-    best = np.full(len(sets), np.inf)
-    best[0] = 0.0  # the empty down-set
-    choices = []
-    for _ in range(n_stages):
-        candidates = np.maximum(best[:, None], times)
-        choices.append(candidates.argmin(axis=0))
-        best = candidates.min(axis=0)
-    whole = len(sets) - 1
-    stage_of, d = {}, whole
-    for stage in reversed(range(n_stages)):
-        c = choices[stage][d]
-        for i in np.flatnonzero(sets[d] & ~sets[c]):
-            stage_of[nodes[i]] = stage
-        d = c
-    checked = max(c.time_ms for c in stage_costs(coarse, stage_of, n_stages, model))
-    assert math.isclose(checked, best[whole], rel_tol=1e-9), (checked, best[whole])
-    return float(best[whole])
+def optimum(coarse: nx.DiGraph, n_stages: int, model: CostModel, cap: int) -> float:
+    """The best slowest stage over all acyclic splits into ``n_stages`` non-empty stages
+    (``autopipe.partitioning.downsets``, with no cap on its work), as ``stage_costs`` prices
+    the split reaching it."""
+    nodes, graph = index_graph(coarse)
+    stages = fastest_split(graph, n_stages, model, cap, max_work=math.inf)
+    stage_of = {n: stages[i] for i, n in enumerate(nodes)}
+    return max(c.time_ms for c in stage_costs(coarse, stage_of, n_stages, model))
 
 
 def main() -> None:
@@ -143,19 +72,16 @@ def main() -> None:
         graph = build_graph(traced, propagate_values(traced))
         annotate(graph, profile(traced, graph, mode="flops", progress=False))
         coarse = contract(graph, placement_groups(graph, traced.graph_module))
-        nodes = list(coarse.nodes)
-        head = f"{model_name:<24} {len(nodes):>5}"
-        try:
-            sets = downsets(coarse, nodes, args.max_downsets)
-        except TooManyDownsets:
+        head = f"{model_name:<24} {coarse.number_of_nodes():>5}"
+        sets = downsets(index_graph(coarse)[1], args.max_downsets)
+        if sets is None:
             print(f"{head} {'>' + str(args.max_downsets):>9}  skipped", flush=True)
             continue
         for bandwidth in args.bw:
             model = CostModel(bandwidth=bandwidth)
-            times = stage_times(coarse, nodes, sets, model)
             for p in args.stages:
                 bound = lower_bound_ms(coarse, p)
-                best = optimum(coarse, nodes, sets, times, p, model)
+                best = optimum(coarse, p, model, args.max_downsets)
                 ratios = []
                 for method in args.methods:
                     result = partition(

@@ -22,9 +22,11 @@ step here keeps all edges going to the same or a later stage:
    within it, and moves that bring an over-limit device back under it win over faster ones.
    A device's memory is its stage's, or under wpipe the sum of its two stages'
    (``autopipe.cost.device_totals``).
-4. The finest graph's own contiguous cut and the optimal contiguous split (the PipeDream
-   program, which meets a memory limit whenever any contiguous split does), refined the same
-   way, compete with the multilevel result. The split is searched for only where the other
+4. The finest graph's own contiguous cut, the optimal contiguous split (the PipeDream
+   program, which meets a memory limit whenever any contiguous split does) and, on a graph
+   with few down-sets, the fastest acyclic split of all (an exact program over down-sets,
+   ``autopipe.partitioning.downsets``, blind to memory), refined the same way, compete with
+   the multilevel result. The split is searched for only where the other
    two exceed the memory limit or it is at most ``CONTIGUOUS_MARGIN`` slower than the better
    of them (a short search where it is not), so the result is never slower than it. The
    best by the same objective gets a last sweep that takes every move keeping the slowest
@@ -54,6 +56,7 @@ import numpy as np
 from autopipe.cost import CostModel, device_totals, stage_device, stage_memory
 from autopipe.errors import UserError
 from autopipe.partitioning.base import PartitionOptions, without_cycle_collection
+from autopipe.partitioning.downsets import fastest_split
 from autopipe.partitioning.pipedream import fitting_plan
 
 NODES_PER_STAGE = 10
@@ -973,11 +976,13 @@ def acyclic_stages(
 
     Greedy refinement stops in local optima, so several starts are refined and the best one
     kept: the multilevel one, whose coarse moves shift whole regions, the finest graph's own
-    contiguous cut, balanced to within one node, and the optimal contiguous split that
+    contiguous cut, balanced to within one node, the fastest acyclic split of all on a graph
+    with few down-sets (``downsets.fastest_split``), and the optimal contiguous split that
     ``contiguous`` returns, if any, whose slowest stage is at most the ms it is given. Each
     wins on some graphs. The result is never slower than that optimal split: where the other
     starts fit in memory, the split is asked for only if it is at most ``CONTIGUOUS_MARGIN``
-    slower than the best of them.
+    slower than the best of them. Without a memory limit, where the graph has few down-sets,
+    no acyclic split has a faster slowest stage.
     """
     model = options.cost
     levels = coarsen(finest, n_stages, options.seed)
@@ -986,6 +991,10 @@ def acyclic_stages(
         flat = initial_stages(finest, n_stages)
         refine(finest, StageLoads(finest, flat, n_stages, model), n_stages)
         candidates.append(flat)
+    exact = fastest_split(finest, n_stages, model)
+    if exact is not None:
+        refine(finest, StageLoads(finest, exact, n_stages, model), n_stages)
+        candidates.append(exact)
     keys = [objective(finest, stages, n_stages, model) for stages in candidates]
     excess, times, _ = min(keys)
     start = contiguous(times[0] * (1 + CONTIGUOUS_MARGIN) if excess == 0 else math.inf)
